@@ -9,7 +9,6 @@ import pathlib
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", os.environ.get("LAGA_TEST_CUDA_VISIBLE_DEVICES", ""))
 
 import pytest  # noqa: E402
 
