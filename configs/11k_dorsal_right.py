@@ -1,0 +1,10 @@
+"""LAGA-Net on 11k Hands, dorsal right subset (Table V).
+
+  python run.py --config configs/11k_dorsal_right.py --workdir runs/11k_dorsal_right --config.data.root=data/11k
+"""
+
+from configs import hands
+
+
+def get_config():
+  return hands.get_hand_config("11k_dorsal_right", "data/11k")

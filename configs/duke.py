@@ -1,0 +1,13 @@
+"""LAGA-Net on DukeMTMC-reID (SPEC defaults; Table III/IV row).
+
+  python run.py --config configs/duke.py --workdir runs/duke --config.data.root=data/DukeMTMC-reID
+"""
+
+from configs import base
+
+
+def get_config():
+  config = base.get_config()
+  config.data.name = "dukemtmc"
+  config.data.root = "data/DukeMTMC-reID"
+  return config

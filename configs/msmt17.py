@@ -1,0 +1,13 @@
+"""LAGA-Net on MSMT17 (V1) (SPEC defaults; Table III/IV row).
+
+  python run.py --config configs/msmt17.py --workdir runs/msmt17 --config.data.root=data/MSMT17_V1
+"""
+
+from configs import base
+
+
+def get_config():
+  config = base.get_config()
+  config.data.name = "msmt17"
+  config.data.root = "data/MSMT17_V1"
+  return config
