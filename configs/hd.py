@@ -1,4 +1,4 @@
-"""LAGA-Net on the PolyU-IITD HD hand-dorsal dataset (Table V).
+"""LAGA-Net on the HD hand-dorsal dataset (Kumar & Xu, PolyU) (Table V).
 
   python run.py --config configs/hd.py --workdir runs/hd --config.data.root=data/HD
 """

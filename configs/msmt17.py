@@ -10,4 +10,5 @@ def get_config():
   config = base.get_config()
   config.data.name = "msmt17"
   config.data.root = "data/MSMT17_V1"
+  config.data.options.merge_val = False  # True: train on list_train + list_val (32,621 images)
   return config

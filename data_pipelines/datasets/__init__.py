@@ -1,0 +1,68 @@
+"""Dataset registry: `load_splits(name, root, **options)` parses a dataset's original download layout.
+
+  splits = load_splits("market1501", "/data/Market-1501-v15.09.15")
+  splits["train"][0]  # Record(path='/data/.../0002_c1s1_000451_03.jpg', pid=2, camid=1, label=0)
+
+Every dataset returns `train`, `query` and `gallery` lists of `Record`s (hand sets also `val`: one image per
+training identity, excluded from `train`). Train and val records carry contiguous labels 0..n-1 in pid order;
+`pid` and `camid` stay as in the dataset for evaluation (camid -1 = no camera, for hand sets).
+"""
+
+import difflib
+import numbers
+import os
+import types
+from typing import Any, Mapping
+
+from data_pipelines.datasets import common, cuhk03, custom, demo, dukemtmc, hands11k, hd, market1501, msmt17
+from data_pipelines.datasets.common import DatasetInfo, Record, Splits
+
+__all__ = ["DATASETS", "DatasetInfo", "Record", "Splits", "get_dataset_info", "load_splits"]
+
+DATASETS: Mapping[str, DatasetInfo] = types.MappingProxyType({
+    info.name: info for info in (
+        market1501.INFO, dukemtmc.INFO, *cuhk03.INFOS.values(), msmt17.INFO, *hands11k.INFOS.values(),
+        hd.INFO, custom.INFO, demo.INFO)
+})
+
+# Options every dataset accepts, with their defaults.
+COMMON_OPTIONS = types.MappingProxyType({"verify_images": False})
+
+
+def get_dataset_info(name: str) -> DatasetInfo:
+  """The registry entry of `name`; a clear error listing the valid names (and the closest) otherwise."""
+  if name not in DATASETS:
+    close = difflib.get_close_matches(str(name), DATASETS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"unknown dataset {name!r}{hint}; valid names: {', '.join(DATASETS)}")
+  return DATASETS[name]
+
+
+def _check_option(dataset: str, key: str, value: Any, default: Any) -> None:
+  if isinstance(default, bool):
+    ok, expected = isinstance(value, bool), "True or False"
+  elif isinstance(default, int):
+    ok, expected = isinstance(value, numbers.Integral) and not isinstance(value, bool), "an integer"
+  else:
+    ok, expected = isinstance(value, (str, os.PathLike)), "a string"
+  if not ok:
+    raise ValueError(f"dataset {dataset!r}: option {key}={value!r} ({type(value).__name__}): expected {expected}")
+
+
+def load_splits(name: str, root: str | os.PathLike, **options: Any) -> Splits:
+  """Parse dataset `name` at `root` into train/query/gallery (+val) record lists.
+
+  Options are the dataset's (see `DATASETS[name].options`) plus `verify_images=True`, which decodes every
+  image once and reports the files that fail.
+  """
+  info = get_dataset_info(name)
+  valid = {**info.options, **COMMON_OPTIONS}
+  for key, value in options.items():
+    if key not in valid:
+      raise ValueError(f"dataset {name!r}: unknown option {key!r}; valid options: {', '.join(sorted(valid))}")
+    _check_option(name, key, value, valid[key])
+  verify = options.pop("verify_images", COMMON_OPTIONS["verify_images"])
+  splits = info.loader(os.fspath(root) if root is not None else root, **options)
+  if verify:
+    common.verify_images(splits, name)
+  return splits

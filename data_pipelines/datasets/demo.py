@@ -1,0 +1,29 @@
+"""The synthetic demo set (`data_pipelines.demo`): Market-1501 layout, generated on first use."""
+
+from data_pipelines.datasets import common, market1501
+
+LAYOUT = """\
+  bounding_box_train/  query/  bounding_box_test/   (Market-1501 names, e.g. 0012_c1s1_000123_01.jpg)
+  demo_dataset.json                                  (generator parameters and counts)
+(written by `python -m data_pipelines.demo --root <root>`, or automatically when root has no demo data)"""
+
+
+def load(root: str) -> common.Splits:
+  """Demo splits; generates the default demo dataset under `root` when none of its folders exist yet."""
+  root = common.absolute_root(root, INFO.name)
+  if not any((root / folder).exists() for folder in market1501.SPLIT_FOLDERS.values()):
+    from data_pipelines.demo import generate_demo_dataset  # Deferred: only needed the first time.
+
+    generate_demo_dataset(root)
+  # No count check: the generator's parameters decide the counts.
+  return market1501.parse_market_layout(root, INFO, market1501.PATTERN, market1501.EXAMPLE)
+
+
+INFO = common.DatasetInfo(
+    name="demo",
+    kind="body",
+    description="Synthetic demo set (Market-1501 layout) drawn by data_pipelines.demo in seconds.",
+    layout=LAYOUT,
+    folder="demo",
+    loader=load,
+)

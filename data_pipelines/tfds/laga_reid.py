@@ -1,0 +1,117 @@
+"""TFDS builder `laga_reid`: any registered dataset, parsed by `data_pipelines.datasets`, as TFRecords.
+
+One BuilderConfig per dataset name (plus the hand sets' draws 1-9 and MSMT17 with list_val merged):
+
+  python -m data_pipelines.tfds --config market1501 --manual_dir /data --data_dir ~/tensorflow_datasets
+  ds = tfds.load("laga_reid/market1501", split="query", data_dir="~/tensorflow_datasets")
+                                                          # (after `import data_pipelines.tfds`)
+
+Examples keep the original encoded image bytes (JPEG or PNG), so a prepared dataset can be read from any
+filesystem tf.io supports (gs://, s3://, ...); the source folders themselves must be local.
+"""
+
+import dataclasses
+import fnmatch
+import os
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from data_pipelines import datasets
+
+HAND_DRAWS = range(1, 10)  # draw 0 is the plain config name
+
+
+@dataclasses.dataclass(eq=False)
+class ReidConfig(tfds.core.BuilderConfig):
+  """A dataset of the registry and the `load_splits` options it is parsed with."""
+  dataset: str = ""
+  options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _configs() -> list[ReidConfig]:
+  configs = []
+  for name, info in datasets.DATASETS.items():
+    configs.append(ReidConfig(name=name, description=info.description, dataset=name))
+    if "draw" in info.options:
+      configs += [ReidConfig(name=f"{name}_draw{draw}", description=f"{info.description} Query/gallery draw {draw}.",
+                             dataset=name, options={"draw": draw}) for draw in HAND_DRAWS]
+    if "merge_val" in info.options:
+      configs.append(ReidConfig(name=f"{name}_merge_val", description=f"{info.description} list_val merged into "
+                                "train (32,621 images).", dataset=name, options={"merge_val": True}))
+  return configs
+
+
+def _manual_instructions() -> str:
+  folders = {}
+  for name, info in datasets.DATASETS.items():
+    if name != "demo":
+      folders.setdefault(info.folder, (info, []))[1].append(name)
+  lines = ["Place each dataset's extracted download folder in `manual_dir` under the name given here (or pass",
+           "the dataset folder itself as `--manual_dir`). A custom CSV manifest may be `<manual_dir>/custom.csv`.",
+           "The demo config needs nothing: it is generated.", ""]
+  for folder, (info, names) in folders.items():
+    lines += [f"<manual_dir>/{folder}/   for config(s) {', '.join(names)}:", info.layout, ""]
+  return "\n".join(lines)
+
+
+class LagaReid(tfds.core.GeneratorBasedBuilder):
+  """Person re-identification sets of LAGA-Net (body and hand), one config per dataset."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  BUILDER_CONFIGS = _configs()
+  MANUAL_DOWNLOAD_INSTRUCTIONS = _manual_instructions()
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(None, None, 3)),
+            "pid": tfds.features.Scalar(np.int64, doc="original identity (0 = distractor)"),
+            "camid": tfds.features.Scalar(np.int64, doc="camera as in the dataset (-1 = hand sets, no camera)"),
+            "label": tfds.features.Scalar(np.int64, doc="train/val: contiguous class 0..n-1; else -1"),
+            "path": tfds.features.Text(doc="image path relative to the dataset folder"),
+        }),
+        # Query and gallery order must match between runs and between the features and their metadata.
+        disable_shuffling=True,
+    )
+
+  def _dataset_root(self, dl_manager: tfds.download.DownloadManager) -> str:
+    info = datasets.get_dataset_info(self.builder_config.dataset)
+    if info.name == "demo":
+      return os.fspath(dl_manager.download_dir / "demo")
+    manual_dir = dl_manager.manual_dir
+    # <manual_dir>/<folder>, a manifest <manual_dir>/<folder>.csv (custom), or the dataset folder itself.
+    for candidate in (manual_dir / info.folder, manual_dir / f"{info.folder}.csv"):
+      if candidate.exists():
+        return os.fspath(candidate)
+    return os.fspath(manual_dir)
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    root = self._dataset_root(dl_manager)
+    splits = datasets.load_splits(self.builder_config.dataset, root, **self.builder_config.options)
+    base = root if os.path.isdir(root) else os.path.dirname(root)  # a manifest's paths are relative to it
+    return {split: self._generate_examples(records, base) for split, records in splits.items()}
+
+  def _generate_examples(self, records: list[datasets.Record], base: str) -> Iterator[tuple[int, dict]]:
+    for index, record in enumerate(records):
+      yield index, {"image": record.path, "pid": record.pid, "camid": record.camid, "label": record.label,
+                    "path": os.path.relpath(record.path, base)}
+
+
+def matching_configs(patterns: Sequence[str]) -> list[str]:
+  """Config names matching shell-style `patterns` (e.g. `11k_dorsal_right*`), in registry order."""
+  names = [c.name for c in LagaReid.BUILDER_CONFIGS]
+  unmatched = [p for p in patterns if not fnmatch.filter(names, p)]
+  if unmatched:
+    raise ValueError(f"no laga_reid config matches {unmatched}; configs: {', '.join(names)}")
+  return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+def prepare(config: str, data_dir: str, manual_dir: Optional[str] = None) -> LagaReid:
+  """Writes the TFRecords of one config under `data_dir` (a no-op when already there) and returns the builder."""
+  builder = LagaReid(config=config, data_dir=data_dir)
+  download_config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
+  builder.download_and_prepare(download_config=download_config)
+  return builder
