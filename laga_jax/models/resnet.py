@@ -1,0 +1,137 @@
+"""torchvision-compatible ResNet (Bottleneck "v1.5": the stride sits on the 3x3 conv). NHWC throughout.
+
+Submodule names mirror torchvision's state_dict (`conv1`, `bn1`, `layer1`..`layer4` / `block{i}` /
+`conv1..3`, `bn1..3`, `downsample_conv`, `downsample_bn`, `fc`) so that `laga_jax.weights` maps ImageNet
+weights one to one. Padding is explicit and symmetric, as torch pads: "SAME" pads a stride-2 layer with an
+even input by (0, 1) and would shift every feature map by half a pixel against the pretrained weights.
+"""
+
+import functools
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from laga_jax.models.layers import BatchNorm
+
+Dtype = Any
+
+EXPANSION = 4  # Bottleneck output channels = 4 x its inner width
+STAGE_SIZES = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
+
+# torchvision's ResNet init: kaiming_normal_(mode="fan_out", nonlinearity="relu"); BN weight 1, bias 0.
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+# torch.nn.Linear's default init, kaiming_uniform(a=sqrt(5)), is U(+-1/sqrt(fan_in)).
+fc_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def stage_sizes_for_depth(depth: int) -> Tuple[int, ...]:
+  """Bottleneck blocks per stage of a torchvision ResNet of this depth (50, 101 or 152)."""
+  if depth not in STAGE_SIZES:
+    raise ValueError(f"ResNet depth={depth} (config.model.depth) is not supported: expected one of "
+                     f"{sorted(STAGE_SIZES)} (Bottleneck ResNets; 18/34 use BasicBlocks), or set "
+                     "config.model.stage_sizes")
+  return STAGE_SIZES[depth]
+
+
+class Bottleneck(nn.Module):
+  """1x1 -> 3x3 (stride) -> 1x1 (x4) with an identity or 1x1-conv shortcut; torchvision's `Bottleneck`."""
+
+  features: int
+  strides: int = 1
+  dtype: Dtype = jnp.float32
+  bn_axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+                             kernel_init=conv_kernel_init)
+    norm = functools.partial(BatchNorm, use_running_average=not train, axis_name=self.bn_axis_name,
+                             dtype=self.dtype)
+    out_features = self.features * EXPANSION
+    y = nn.relu(norm(name="bn1")(conv(self.features, (1, 1), name="conv1")(x)))
+    y = conv(self.features, (3, 3), strides=self.strides, padding=((1, 1), (1, 1)), name="conv2")(y)
+    y = nn.relu(norm(name="bn2")(y))
+    y = norm(name="bn3")(conv(out_features, (1, 1), name="conv3")(y))
+    shortcut = x.astype(y.dtype)
+    if self.strides != 1 or x.shape[-1] != out_features:
+      shortcut = conv(out_features, (1, 1), strides=self.strides, name="downsample_conv")(x)
+      shortcut = norm(name="downsample_bn")(shortcut)
+    return nn.relu(y + shortcut)
+
+
+class ResNetStage(nn.Module):
+  """One stage (`layer1`..`layer4`): `num_blocks` Bottlenecks, the first one strided."""
+
+  num_blocks: int
+  features: int
+  strides: int = 1
+  dtype: Dtype = jnp.float32
+  bn_axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    for i in range(self.num_blocks):
+      x = Bottleneck(self.features, self.strides if i == 0 else 1, dtype=self.dtype,
+                     bn_axis_name=self.bn_axis_name, name=f"block{i}")(x, train)
+    return x
+
+
+class ResNet(nn.Module):
+  """torchvision ResNet; returns the stage outputs it computes, the global average pool and the logits.
+
+  `num_stages=3` stops after layer3 (LAGA-Net's shared trunk); `last_stride=1` removes layer4's
+  down-sampling (LAGA-Net); `num_classes=None` leaves out `fc`. Parameters are float32 whatever `dtype`
+  (the compute dtype) is.
+  """
+
+  stage_sizes: Sequence[int]
+  width: int = 64
+  last_stride: int = 2
+  num_classes: Optional[int] = None
+  num_stages: int = 4
+  dtype: Dtype = jnp.float32
+  bn_axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> Dict[str, jax.Array]:
+    if len(self.stage_sizes) != 4:
+      raise ValueError(f"ResNet.stage_sizes={tuple(self.stage_sizes)}: expected 4 block counts")
+    if not 1 <= self.num_stages <= 4:
+      raise ValueError(f"ResNet.num_stages={self.num_stages}: expected 1..4")
+    if self.num_classes is not None and self.num_stages != 4:
+      raise ValueError("ResNet.num_classes needs num_stages=4 (fc follows layer4)")
+    if self.last_stride not in (1, 2):
+      raise ValueError(f"ResNet.last_stride={self.last_stride} (config.model.last_stride): expected 1 or 2")
+    if x.ndim != 4 or x.shape[-1] != 3:
+      raise ValueError(f"ResNet expects NHWC RGB images (B, H, W, 3); got shape {x.shape}")
+
+    x = nn.Conv(self.width, (7, 7), strides=2, padding=((3, 3), (3, 3)), use_bias=False, dtype=self.dtype,
+                param_dtype=jnp.float32, kernel_init=conv_kernel_init, name="conv1")(x)
+    x = BatchNorm(use_running_average=not train, axis_name=self.bn_axis_name, dtype=self.dtype,
+                  name="bn1")(x)
+    # lax.reduce_window pads with the reduction's identity (-inf for max), as torch's MaxPool2d does.
+    x = nn.max_pool(nn.relu(x), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    outputs = {"stem": x}
+    for i in range(self.num_stages):
+      strides = 1 if i == 0 else (self.last_stride if i == 3 else 2)
+      x = ResNetStage(self.stage_sizes[i], self.width * 2**i, strides, dtype=self.dtype,
+                      bn_axis_name=self.bn_axis_name, name=f"layer{i + 1}")(x, train)
+      outputs[f"layer{i + 1}"] = x
+    outputs["pooled"] = global_avg_pool(x)
+    if self.num_classes is not None:
+      logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
+                        kernel_init=fc_kernel_init, name="fc")(outputs["pooled"])
+      outputs["logits"] = logits.astype(jnp.float32)
+    return outputs
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+  """(B, H, W, C) -> (B, C) float32 mean over positions (torch's AdaptiveAvgPool2d(1) + flatten)."""
+  return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+ResNet50 = functools.partial(ResNet, stage_sizes=STAGE_SIZES[50])
+ResNet101 = functools.partial(ResNet, stage_sizes=STAGE_SIZES[101])
+ResNet152 = functools.partial(ResNet, stage_sizes=STAGE_SIZES[152])
