@@ -60,6 +60,20 @@ def _gather_batch(x: jax.Array, axis: int, axis_name: Optional[str]) -> jax.Arra
   return lax.dynamic_update_slice_in_dim(everyone, x, start, axis=axis)
 
 
+def _as_per_device(tree: Any, axis_name: str) -> Any:
+  """Mark replicated values as per-device, so that `jax.grad` returns this device's own gradient.
+
+  Under `shard_map` (and `pmap`, built on it since JAX 0.8) the gradient of a replicated input is
+  otherwise summed over devices implicitly; marking it varying keeps the sum explicit (`lax.psum` below)
+  and the step the same on every JAX version.
+  """
+  if hasattr(lax, "pcast"):
+    return lax.pcast(tree, axis_name, to="varying")
+  if hasattr(lax, "pvary"):
+    return lax.pvary(tree, axis_name)
+  return tree
+
+
 def _loss_kwargs(loss_cfg: ml_collections.ConfigDict) -> dict:
   return dict(label_smoothing=loss_cfg.label_smoothing, beta=loss_cfg.triplet_beta,
               margin=loss_cfg.triplet_margin, normalize=loss_cfg.triplet_normalize,
@@ -88,12 +102,13 @@ def train_step(state: TrainState, batch: dict, *, loss_cfg: ml_collections.Confi
     loss, metrics = losses.laga_loss(outputs, all_labels, **_loss_kwargs(loss_cfg))
     return loss, (metrics, mutated["batch_stats"])
 
-  grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+  params = state.params if axis_name is None else _as_per_device(state.params, axis_name)
+  grads, (metrics, batch_stats) = jax.grad(loss_fn, has_aux=True)(params)
   if axis_name is not None:
     grads = lax.psum(grads, axis_name)
     # Identical on every device already; the mean marks them replicated for shard_map's checker.
     metrics = lax.pmean(metrics, axis_name)
-  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["grad_norm"] = jnp.sqrt(sum(jnp.vdot(g, g) for g in jax.tree_util.tree_leaves(grads)))
   new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   metrics["finite"] = jnp.isfinite(metrics["loss"]).astype(jnp.float32)
   return new_state, metrics
