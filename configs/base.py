@@ -42,7 +42,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.erasing_p = 0.5             # random erasing probability (hands: 0)
   c.data.p = 5                       # identities per batch
   c.data.k = 4                       # images per identity
-  c.data.shuffle_seed = 0
   c.data.cache_decoded = False       # keep decoded images in memory (small sets)
   c.data.num_parallel_calls = -1     # tf.data AUTOTUNE
 

@@ -33,6 +33,14 @@ class Experiment:
   data_parallel: parallel.DataParallel
   steps_per_epoch: int
   total_steps: int
+  feature_fn: Any      # (variables, images) -> (B, num_heads * 2048) eval features, one object per run
+
+
+def eval_feature_fn(model):
+  """The model's un-normalised 12288-d eval feature (six pooled vectors, concatenated)."""
+  def feature_fn(variables, images):
+    return laga_net.eval_features(model.apply(variables, images, train=False))
+  return feature_fn
 
 
 def _dataset_records(config: ml_collections.ConfigDict, **option_overrides) -> dict:
@@ -70,7 +78,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   model = laga_net.from_config(config.model, num_classes, bn_axis_name=parallel.DATA_AXIS)
   eval_model = laga_net.from_config(config.model, num_classes)
   return Experiment(config, workdir, splits, num_classes, model, eval_model, data_parallel,
-                    steps_per_epoch, total_steps)
+                    steps_per_epoch, total_steps, eval_feature_fn(eval_model))
 
 
 def initial_variables(exp: Experiment, rng: jax.Array) -> dict:
@@ -134,12 +142,17 @@ def train(exp: Experiment, state: train_lib.TrainState, checkpointer: checkpoint
   images_per_step = config.data.p * config.data.k
   bar = ProgressBar(exp.total_steps, images_per_step=images_per_step, initial=step)
   pending = []
+  # Decoded once per run, not per epoch; only worth it for large originals (11k hands are 1600×1200).
+  decoded = (input_pipeline.DecodedImages.from_paths([r.path for r in exp.splits["train"]],
+                                                     config.data.num_parallel_calls)
+             if config.data.cache_decoded else None)
   while step < exp.total_steps:
     epoch, offset = divmod(step, exp.steps_per_epoch)
     num_steps = min(exp.steps_per_epoch - offset, exp.total_steps - step)
     batches = input_pipeline.train_batches(
         exp.splits["train"], config.data, seed=config.train.seed, epoch=epoch, start_step=offset,
-        num_steps=num_steps, process_index=jax.process_index(), process_count=jax.process_count())
+        num_steps=num_steps, process_index=jax.process_index(), process_count=jax.process_count(),
+        decoded=decoded)
     epoch_start = time.perf_counter()
     for batch in parallel.prefetch_to_device(batches.as_numpy_iterator(), dp.shard_batch):
       state, metrics = step_fn(state, batch)
