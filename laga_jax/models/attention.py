@@ -127,11 +127,14 @@ def diagonal_relative_term(q: jax.Array, v: jax.Array, rel: jax.Array, index: np
   if order is None:
     flops = relative_term_flops(n, c, q.shape[-1], rel.shape[0])
     order = min(RELATIVE_ORDERS, key=flops.__getitem__)
+  # The gather by `index` is a product with a constant (N, 2L-1) one-hot matrix: XLA turns it into a
+  # matmul, where a gather (and the scatter-add of its gradient) runs serially on CPUs.
+  select = jax.nn.one_hot(index, rel.shape[0], dtype=v.dtype)  # (N, 2L-1)
   if order == "keys_first":
-    position_logits = jnp.take(jnp.einsum("rd,bpd->brp", rel, q), index, axis=1)  # (B, N keys a, N queries p)
+    position_logits = jnp.einsum("ar,brp->bap", select, jnp.einsum("rd,bpd->brp", rel, q))  # (B, N keys, N queries)
     return jnp.einsum("bap,bac->bpc", position_logits, v)
   if order == "values_first":
-    value_by_offset = jax.ops.segment_sum(jnp.moveaxis(v, 1, 0), index, num_segments=rel.shape[0])
+    value_by_offset = jnp.einsum("ar,bac->rbc", select, v)
     return jnp.einsum("bpd,bcd->bpc", q, jnp.einsum("rbc,rd->bcd", value_by_offset, rel))
   raise ValueError(f"order={order!r}: expected one of {RELATIVE_ORDERS} or None")
 
