@@ -123,6 +123,18 @@ def validation_accuracy(exp: Experiment, state: train_lib.TrainState, val_step) 
   return correct / max(count, 1.0)
 
 
+_STEP_CACHE: dict = {}
+
+
+def _compiled_steps(dp: parallel.DataParallel, loss_cfg: ml_collections.ConfigDict) -> tuple:
+  """Train and validation steps, reused by later runs in the same process (notebooks, sweeps, tests)."""
+  key = (dp.mode, tuple(d.id for d in dp.devices), loss_cfg.to_json())
+  if key not in _STEP_CACHE:
+    _STEP_CACHE[key] = (dp.compile(train_lib.make_train_step(loss_cfg)),
+                        dp.compile(train_lib.make_val_step(), donate_state=False))
+  return _STEP_CACHE[key]
+
+
 def train(exp: Experiment, state: train_lib.TrainState, checkpointer: checkpoint_lib.Checkpointer,
           writer: MetricWriter) -> train_lib.TrainState:
   """Run (or resume) training until `exp.total_steps`; checkpoints at epoch ends and at the last step."""
@@ -130,8 +142,7 @@ def train(exp: Experiment, state: train_lib.TrainState, checkpointer: checkpoint
 
   config = exp.config
   dp = exp.data_parallel
-  step_fn = dp.compile(train_lib.make_train_step(config.loss))
-  val_fn = dp.compile(train_lib.make_val_step(), donate_state=False)
+  step_fn, val_fn = _compiled_steps(dp, config.loss)
   state = dp.replicate(state)
   step = int(jax.device_get(state.step))
   if step >= exp.total_steps:
