@@ -41,7 +41,7 @@ def main(argv):
   project_log.setLevel(logging.INFO)
   project_log.addHandler(handler)
   project_log.propagate = False
-  from laga_jax import config_utils, search, trainer  # Imported after flag parsing: JAX/TF start-up is slow.
+  from laga_jax import search, trainer  # Imported after flag parsing: JAX/TF start-up is slow.
 
   config = FLAGS.config
   if FLAGS.mode:
@@ -53,9 +53,11 @@ def main(argv):
                         topk=FLAGS.topk)
       return
     results = trainer.train_and_evaluate(config, FLAGS.workdir)
-  except (config_utils.ConfigError, FileNotFoundError, ValueError) as error:
-    # A user error: one clear message, no traceback.
-    sys.exit(f"error: {error}")
+  except (FileNotFoundError, ValueError) as error:
+    # Bad input (config, dataset folder, weights, checkpoint): one clear message. LAGA_DEBUG=1 re-raises.
+    if os.environ.get("LAGA_DEBUG"):
+      raise
+    sys.exit(f"error: {error}\n(set LAGA_DEBUG=1 for the traceback)")
   if "rank1" in results:
     line = f"rank-1 {100 * results['rank1']:.2f}%  mAP {100 * results['mAP']:.2f}%"
     if "untrained" in results:
