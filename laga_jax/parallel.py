@@ -21,9 +21,10 @@ PARALLEL_MODES = ("shard_map", "pmap")
 
 def local_devices(num_devices: int = -1) -> list:
   """The first `num_devices` local devices (-1: all), with a clear error when too many are asked for."""
-  devices = jax.local_devices()
   if num_devices == -1:
-    return devices
+    # Multi-host (jax.distributed): the mesh spans every process's devices; each feeds its own rows.
+    return jax.devices() if jax.process_count() > 1 else jax.local_devices()
+  devices = jax.local_devices()
   if not 1 <= num_devices <= len(devices):
     raise ValueError(f"config.train.num_devices={num_devices}: this process has {len(devices)} "
                      f"device(s) ({devices[0].platform}); use -1 for all of them")
@@ -64,15 +65,21 @@ class DataParallel:
     return jax.device_put(tree, NamedSharding(self.mesh, P()))
 
   def shard_batch(self, batch: dict) -> dict:
-    """Host batch (global per process) -> device arrays split over the data axis."""
+    """This process's rows of the batch -> device arrays split over the data axis."""
+    local_devices = self.num_devices // jax.process_count()
     for key, value in batch.items():
-      if value.shape[0] % self.num_devices:
+      if value.shape[0] % local_devices:
         raise ValueError(f"batch[{key!r}] has {value.shape[0]} rows, not divisible by the "
-                         f"{self.num_devices} devices; choose data.p * data.k divisible by the device count")
+                         f"{local_devices} devices; choose data.p * data.k divisible by the device count")
     if self.mode == "pmap":
       # pmap maps over a leading device axis; the split of rows matches shard_map's P("data").
-      batch = {k: v.reshape((self.num_devices, -1) + v.shape[1:]) for k, v in batch.items()}
-    return jax.device_put(batch, NamedSharding(self.mesh, P(DATA_AXIS)))
+      batch = {k: v.reshape((local_devices, -1) + v.shape[1:]) for k, v in batch.items()}
+      if jax.process_count() > 1:
+        return batch  # multi-host pmap takes each process's (local devices, rows, ...) host arrays
+    sharding = NamedSharding(self.mesh, P(DATA_AXIS))
+    if jax.process_count() > 1:
+      return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+    return jax.device_put(batch, sharding)
 
 
 def prefetch_to_device(batches: Iterable[dict], place: Callable[[dict], dict],

@@ -1,6 +1,7 @@
 """The training loop: data, model, optimiser, checkpoints and logging around `laga_jax.train.train_step`."""
 
 import dataclasses
+import functools
 import json
 import logging
 import pathlib
@@ -65,10 +66,10 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   devices = parallel.local_devices(config.train.num_devices)
   data_parallel = parallel.DataParallel(config.train.parallel, devices)
   global_batch = config.data.p * config.data.k
-  if global_batch % (data_parallel.num_devices * jax.process_count()):
+  if global_batch % data_parallel.num_devices:
     raise config_utils.ConfigError(
         f"--config.data.p * --config.data.k = {global_batch} images per batch cannot be split evenly over "
-        f"{data_parallel.num_devices * jax.process_count()} devices; change P, K or --config.train.num_devices")
+        f"{data_parallel.num_devices} devices; change P, K or --config.train.num_devices")
   steps_per_epoch = config.train.steps_per_epoch
   if steps_per_epoch == -1:
     steps_per_epoch = input_pipeline.steps_per_epoch(len(splits["train"]), config.data.p, config.data.k)
@@ -81,11 +82,16 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
                     steps_per_epoch, total_steps, eval_feature_fn(eval_model))
 
 
+@functools.lru_cache(maxsize=8)
+def _init_fn(model, image_size: tuple):
+  """The jitted initialiser of `model` for one input size, compiled once per process."""
+  dummy = jnp.zeros((1,) + image_size + (3,), jnp.float32)
+  return jax.jit(lambda rng: model.init(rng, dummy, train=False))
+
+
 def initial_variables(exp: Experiment, rng: jax.Array) -> dict:
   """Random initialisation, then the pretrained backbone (stem..layer3 and every layer4 copy) if given."""
-  height, width = exp.config.data.image_size
-  dummy = jnp.zeros((1, height, width, 3), jnp.float32)
-  variables = jax.jit(lambda r: exp.eval_model.init(r, dummy, train=False))(rng)
+  variables = _init_fn(exp.eval_model, tuple(exp.config.data.image_size))(rng)
   variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
   if exp.config.model.pretrained:
     state_dict = weights.load_state_dict(exp.config.model.pretrained)

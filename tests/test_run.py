@@ -14,6 +14,7 @@ from configs import demo
 from laga_jax import trainer
 from laga_jax.checkpoint import Checkpointer, fingerprint
 
+NUM_DEMO_IDS = 40  # training identities of the default demo dataset
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = [
     "--config.data.image_size=(64,32)", "--config.data.resize_size=(72,36)", "--config.model.width=8",
@@ -112,10 +113,9 @@ def _tiny_config(root, **train):
   return config
 
 
-def _final_params(workdir, config):
-  exp = trainer.setup(config, str(workdir))
-  ckpt = Checkpointer(str(workdir), fingerprint(config, exp.num_classes))
-  tree, meta = ckpt.restore(trainer.create_state(exp).checkpoint_tree())
+def _final_params(workdir, config, target):
+  ckpt = Checkpointer(str(workdir), fingerprint(config, NUM_DEMO_IDS))
+  tree, meta = ckpt.restore(target)
   ckpt.close()
   return tree, meta
 
@@ -125,11 +125,14 @@ def test_resume_reaches_the_same_parameters(tmp_path):
   data = tmp_path / "data"
   trainer.train_and_evaluate(_tiny_config(data), str(tmp_path / "straight"))
   trainer.train_and_evaluate(_tiny_config(data, max_steps=4), str(tmp_path / "resumed"))
-  stopped, meta = _final_params(tmp_path / "resumed", _tiny_config(data, max_steps=4))
+  exp = trainer.setup(_tiny_config(data), str(tmp_path / "probe"))
+  assert exp.num_classes == NUM_DEMO_IDS
+  target = trainer.create_state(exp).checkpoint_tree()
+  stopped, meta = _final_params(tmp_path / "resumed", _tiny_config(data), target)
   assert int(stopped["step"]) == 4 and meta["epoch"] == 1
   trainer.train_and_evaluate(_tiny_config(data), str(tmp_path / "resumed"))
-  straight, _ = _final_params(tmp_path / "straight", _tiny_config(data))
-  resumed, _ = _final_params(tmp_path / "resumed", _tiny_config(data))
+  straight, _ = _final_params(tmp_path / "straight", _tiny_config(data), target)
+  resumed, _ = _final_params(tmp_path / "resumed", _tiny_config(data), target)
   assert int(straight["step"]) == int(resumed["step"]) == 6
   for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(straight),
                                jax.tree_util.tree_leaves_with_path(resumed)):
