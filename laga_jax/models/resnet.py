@@ -35,6 +35,26 @@ def stage_sizes_for_depth(depth: int) -> Tuple[int, ...]:
   return STAGE_SIZES[depth]
 
 
+class PointwiseConv(nn.Module):
+  """A bias-free 1x1 convolution (optionally strided) computed as a matmul over channels.
+
+  Same parameter (`kernel`, (1, 1, in, out)) as `nn.Conv`, so weights port unchanged. XLA:CPU runs the
+  weight gradient of a 1x1 `lax.conv` as a convolution whose window is the whole feature map, ~5x slower
+  than the equivalent einsum (benchmarks/profiles/conv1x1.py); on GPUs both lower to the same GEMM.
+  """
+
+  features: int
+  strides: int = 1
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", conv_kernel_init, (1, 1, x.shape[-1], self.features), jnp.float32)
+    if self.strides > 1:
+      x = x[:, ::self.strides, ::self.strides, :]  # a padding-free 1x1 conv with stride s samples every s-th pixel
+    return jnp.einsum("bhwc,cd->bhwd", x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
+
+
 class Bottleneck(nn.Module):
   """1x1 -> 3x3 (stride) -> 1x1 (x4) with an identity or 1x1-conv shortcut; torchvision's `Bottleneck`."""
 
@@ -50,13 +70,14 @@ class Bottleneck(nn.Module):
     norm = functools.partial(BatchNorm, use_running_average=not train, axis_name=self.bn_axis_name,
                              dtype=self.dtype)
     out_features = self.features * EXPANSION
-    y = nn.relu(norm(name="bn1")(conv(self.features, (1, 1), name="conv1")(x)))
+    pointwise = functools.partial(PointwiseConv, dtype=self.dtype)
+    y = nn.relu(norm(name="bn1")(pointwise(self.features, name="conv1")(x)))
     y = conv(self.features, (3, 3), strides=self.strides, padding=((1, 1), (1, 1)), name="conv2")(y)
     y = nn.relu(norm(name="bn2")(y))
-    y = norm(name="bn3")(conv(out_features, (1, 1), name="conv3")(y))
+    y = norm(name="bn3")(pointwise(out_features, name="conv3")(y))
     shortcut = x.astype(y.dtype)
     if self.strides != 1 or x.shape[-1] != out_features:
-      shortcut = conv(out_features, (1, 1), strides=self.strides, name="downsample_conv")(x)
+      shortcut = pointwise(out_features, strides=self.strides, name="downsample_conv")(x)
       shortcut = norm(name="downsample_bn")(shortcut)
     return nn.relu(y + shortcut)
 
