@@ -21,7 +21,7 @@ import resource
 import statistics
 import sys
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Dict, Optional
 
 import flax.linen as nn
 import jax

@@ -6,9 +6,8 @@ Both runners are jitted, donate the train state and compile once (the batch shap
 """
 
 import collections
-import functools
 import itertools
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
 import numpy as np

@@ -10,7 +10,6 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from flax.training import train_state
 from jax import lax
@@ -132,8 +131,3 @@ def make_train_step(loss_cfg: ml_collections.ConfigDict, axis_name: Optional[str
 
 def make_val_step(axis_name: Optional[str] = DATA_AXIS):
   return functools.partial(val_step, axis_name=axis_name)
-
-
-def host_metrics(metrics: Metrics) -> dict:
-  """Device metrics → Python floats (one transfer, called only at logging points)."""
-  return {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -14,12 +14,7 @@ from data_pipelines import augment, input_pipeline
 MEAN, STD = np.array(augment.IMAGENET_MEAN), np.array(augment.IMAGENET_STD)
 
 
-@dataclasses.dataclass(frozen=True)
-class Record:
-  path: str
-  pid: int
-  camid: int
-  label: int = -1
+from data_pipelines.datasets.common import Record  # the records the parsers produce
 
 
 def data_config(**overrides) -> ml_collections.ConfigDict:

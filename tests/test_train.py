@@ -1,7 +1,5 @@
 """The per-device train step under pmap, shard_map and one device; exact resume; checkpoint safety."""
 
-import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
