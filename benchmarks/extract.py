@@ -26,7 +26,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import base  # noqa: E402
 from laga_jax import parallel  # noqa: E402
 from laga_jax.evaluation import features as features_lib  # noqa: E402
-from laga_jax.models import laga_net  # noqa: E402
+from laga_jax import models  # noqa: E402
 
 NUM_CLASSES = 751
 MARKET_EVAL_IMAGES = 3368 + 15913   # query + gallery: one evaluation extracts them all
@@ -49,7 +49,8 @@ def main(argv: Optional[list] = None) -> None:
 
   config = base.get_config()
   config.model.dtype = args.dtype
-  model = laga_net.from_config(config.model, NUM_CLASSES)
+  module = models.get_model(config.model.name)
+  model = module.build(config.model, NUM_CLASSES)
   devices = jax.local_devices() if args.devices == "all" else jax.local_devices()[:1]
   mesh = parallel.make_mesh(devices)
   dummy = jnp.zeros((1, args.height, args.width, 3), jnp.float32)
@@ -57,7 +58,7 @@ def main(argv: Optional[list] = None) -> None:
   variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
 
   def feature_fn(v, images):
-    return laga_net.eval_features(model.apply(v, images, train=False))
+    return module.eval_features(model.apply(v, images, train=False))
 
   rng = np.random.default_rng(0)
   batch = {"image": rng.standard_normal((args.batch, args.height, args.width, 3), np.float32),

@@ -10,6 +10,8 @@ the same optimiser, through the same step function (the ResNet's logits as one h
 `--compare-torch` times (b) in PyTorch too (torchvision resnet50, same changes, Adam with weight decay),
 alternating JAX and torch runs so both see the same machine load. torch is optional: it is imported only
 with that flag and is never a dependency of the project or its tests.
+`benchmarks/compare_torch.py` compares the full LAGA-Net step and feature extraction too, against the PyTorch
+LAGA-Net of `benchmarks/torch_reference/`.
 """
 
 import argparse
@@ -32,7 +34,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from configs import base  # noqa: E402
 from laga_jax import optim, parallel  # noqa: E402
 from laga_jax import train as train_lib  # noqa: E402
-from laga_jax.models import laga_net  # noqa: E402
+from laga_jax import models  # noqa: E402
 from laga_jax.models.layers import canonical_dtype  # noqa: E402
 from laga_jax.models.resnet import ResNet, stage_sizes_for_depth  # noqa: E402
 
@@ -98,15 +100,16 @@ class JaxStep:
     multi = len(devices) > 1
     axis = parallel.DATA_AXIS if multi else None
     if which == "laga":
-      model = laga_net.from_config(config.model, NUM_CLASSES, bn_axis_name=axis)
-      init_model = laga_net.from_config(config.model, NUM_CLASSES)
+      module = models.get_model(config.model.name)
+      model = module.build(config.model, NUM_CLASSES, bn_axis_name=axis)
+      init_model = module.build(config.model, NUM_CLASSES)
       loss_cfg = config.loss
     else:
       dtype = canonical_dtype(args.dtype)
       model = BackboneAsHead(NUM_CLASSES, dtype=dtype, bn_axis_name=axis)
       init_model = BackboneAsHead(NUM_CLASSES, dtype=dtype)
       loss_cfg = config.loss.copy_and_resolve_references()
-      loss_cfg.label_smoothing, loss_cfg.triplet_beta = 0.0, 0.0   # plain CE, as the torch reference
+      loss_cfg.ce.label_smoothing, loss_cfg.triplet.weight = 0.0, 0.0   # plain CE, as the torch reference
     if args.batch % len(devices):
       raise ValueError(f"--batch {args.batch} is not divisible by the {len(devices)} devices")
     rng = np.random.default_rng(0)
@@ -115,7 +118,10 @@ class JaxStep:
     init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(0))
     dummy = jnp.zeros((1, args.height, args.width, 3), jnp.float32)
     variables = jax.jit(lambda r: init_model.init(r, dummy, train=False))(init_rng)
-    tx = optim.make_optimizer(config.optim, STEPS_PER_EPOCH)
+    if which != "laga":
+      config.optim.param_groups = ((".*", 1.0),)   # one group: the whole ResNet
+    tx = optim.make_optimizer(config.optim, STEPS_PER_EPOCH,
+                              backbone_pattern=models.get_model("laga").BACKBONE_PATTERN)
     state = train_lib.create_train_state(model, tx, dict(variables), dropout_rng)
     if multi:
       dp = parallel.DataParallel("shard_map", devices)

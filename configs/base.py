@@ -1,4 +1,4 @@
-"""Shared defaults for every LAGA-Net config: the numbers of SPEC.md (body datasets).
+"""Shared defaults for every config: LAGA-Net's numbers on the body datasets (paper §IV-B, docs/fidelity.md).
 
 Dataset files import this and override a few fields, e.g. `configs/market.py`.
 Launch: `python run.py --config configs/market.py --workdir runs/market --config.data.root=/data/Market-1501`.
@@ -6,28 +6,15 @@ Launch: `python run.py --config configs/market.py --workdir runs/market --config
 
 import ml_collections
 
+from laga_jax.models import laga_net
+
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 
-  # --- model (laga_jax/models/laga_net.py) ---
-  c.model = ml_collections.ConfigDict()
-  c.model.depth = 50                 # ResNet depth: 50 -> blocks (3, 4, 6, 3)
-  c.model.stage_sizes = ()           # overrides depth when non-empty (tests: (1, 1, 1, 1))
-  c.model.width = 64                 # base width of the ResNet (64 = torchvision)
-  c.model.last_stride = 1            # layer4 stride: 1 (LAGA-Net) or 2 (torchvision)
-  c.model.use_local = True           # local branch (Table III "+Local")
-  c.model.num_stripes = 3            # horizontal stripes of the local branch
-  c.model.use_cam = True             # CAM in the channel branch (Table III "+CAM")
-  c.model.use_sam_rpe = True         # SAM-RPE in the spatial branch (Table III "+SAM-RPE")
-  c.model.shared_layer4 = False      # False: 4 independent layer4 copies (paper); True: one shared (author code)
-  c.model.reduction_dim = 1024       # head bottleneck width (paper 1024; author code 2048)
-  c.model.dropout = 0.5
-  c.model.leaky_slope = 0.1
-  c.model.cam_energy = "author"      # "author": softmax(-XX^T); "paper": softmax(+XX^T)
-  c.model.rpe = "diagonal"           # "diagonal" (author/SPEC), "axial", "none"
-  c.model.dtype = "float32"          # compute dtype: "float32" or "bfloat16" (params stay float32)
-  c.model.pretrained = ""            # torchvision ResNet50 weights: .pth / .safetensors / .npz ("" = random init)
+  # --- model: config.model.name picks a module of laga_jax/models/ (registry in its __init__.py); the other
+  # fields are that model's own (LAGA-Net's: laga_jax/models/laga_net.py `default_config`).
+  c.model = laga_net.default_config()
 
   # --- data (data_pipelines/) ---
   c.data = ml_collections.ConfigDict()
@@ -44,27 +31,45 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.k = 4                       # images per identity
   c.data.cache_decoded = False       # keep decoded images in memory (small sets)
   c.data.num_parallel_calls = -1     # tf.data AUTOTUNE
+  c.data.bad_images = "stop"         # images that do not decode: "stop" before training, naming them; "skip" them
 
-  # --- loss (laga_jax/losses.py) ---
+  # --- losses (laga_jax/losses.py): each term by name, weight 0 leaves it out, summed over the model's heads ---
   c.loss = ml_collections.ConfigDict()
-  c.loss.label_smoothing = 0.1
-  c.loss.triplet_beta = 0.1          # 0 = the author's CE-only training
-  c.loss.triplet_margin = 1.2
-  c.loss.triplet_normalize = False
-  c.loss.triplet_feature = "embedding"  # "embedding" (reduction output) or "pooled" (2048-d, pre-reduction)
+  c.loss.head_reduction = "sum"      # "sum" over heads (LAGA-Net eq. 8) or "mean"
+  c.loss.ce = ml_collections.ConfigDict()
+  c.loss.ce.weight = 1.0
+  c.loss.ce.label_smoothing = 0.1
+  c.loss.triplet = ml_collections.ConfigDict()
+  c.loss.triplet.weight = 0.1        # beta of eq. (8); 0 = the author's CE-only training
+  c.loss.triplet.margin = 1.2
+  c.loss.triplet.soft = False        # soft margin log(1 + exp(d_ap - d_an)) instead of the hinge
+  c.loss.triplet.normalize = False
+  c.loss.triplet.feature = "post_dropout"  # a feature tap of the model (LAGA-Net: post_dropout, pre_dropout,
+                                           # pre_bn, pooled)
+  c.loss.center = ml_collections.ConfigDict()
+  c.loss.center.weight = 0.0         # center loss (BoT): 5e-4 there
+  c.loss.center.feature = "pre_bn"
+  c.loss.center.lr = 0.5             # the centers' own SGD (on the unweighted loss's gradient)
 
   # --- optimiser (laga_jax/optim.py) ---
   c.optim = ml_collections.ConfigDict()
+  c.optim.name = "adam"              # "adam" (coupled L2, torch.optim.Adam), "adamw", "sgd"
   c.optim.lr = 8e-4
+  c.optim.schedule = "warmup_multistep"  # or "warmup_cosine" (to min_lr at the last epoch)
   c.optim.warmup_start_lr = 8e-6
   c.optim.warmup_epochs = 10
   c.optim.decay_epochs = (40, 60)
   c.optim.decay_factor = 0.5
-  c.optim.backbone_lr_mult = 0.1
-  c.optim.weight_decay = 5e-4        # coupled L2 (added to the gradient before Adam)
+  c.optim.min_lr = 0.0
+  # Ordered (regex over "/"-joined parameter paths, LR multiplier or "frozen"); first match wins; "backbone"
+  # is the model's ImageNet-pretrained part. Every parameter must match a rule, every rule a parameter.
+  c.optim.param_groups = (("backbone", 0.1), (".*", 1.0))
+  c.optim.weight_decay = 5e-4        # adam/sgd: coupled L2 (added to the gradient); adamw: decoupled
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
+  c.optim.momentum = 0.9             # sgd
+  c.optim.nesterov = False           # sgd
 
   # --- training loop (laga_jax/train.py) ---
   c.train = ml_collections.ConfigDict()
@@ -82,6 +87,10 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- evaluation (laga_jax/evaluation/) ---
   c.eval = ml_collections.ConfigDict()
+  # Evaluation targets: "" = the training dataset; else comma-separated "name" or "name=root", e.g.
+  # "market1501,dukemtmc=/data/DukeMTMC-reID" (cross-dataset; results.json gets a block per target).
+  c.eval.datasets = ""
+  c.eval.flip = True                 # add the horizontally flipped image's feature (the author's evaluation)
   c.eval.batch_size = 64
   c.eval.max_rank = 50
   c.eval.query_chunk = 512
@@ -95,5 +104,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.save_features = True
   c.eval.evaluate_untrained = False  # also evaluate the model before training (demo)
 
-  c.mode = "train_eval"              # "train", "eval", "train_eval", "search"
+  c.mode = "train_eval"              # "train", "eval", "train_eval", "search", "maps"
   return c

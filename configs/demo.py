@@ -8,10 +8,28 @@ so that training and evaluation finish in minutes on a 2-core CPU. The dataset (
 generated into `data.root` on first use.
 """
 
+import importlib
+
 from configs import base
 
+# Table III rows on the demo (cumulative, as configs/ablation.py on Market-1501); "laga" is the full model.
+ABLATION_ROWS = {
+    "global": dict(use_local=False, use_cam=False, use_sam_rpe=False),
+    "local": dict(use_local=True, use_cam=False, use_sam_rpe=False),
+    "cam": dict(use_local=True, use_cam=True, use_sam_rpe=False),
+}
 
-def get_config():
+
+def get_config(model: str = "laga"):
+  """`configs/demo.py` (LAGA-Net), `configs/demo.py:<ablation row>` or `configs/demo.py:<rival>`."""
+  if model not in ("laga", *ABLATION_ROWS):
+    # A rival's own demo settings live with its configs (configs/<model>.py:demo).
+    try:
+      module = importlib.import_module(f"configs.{model}")
+    except ModuleNotFoundError:
+      raise ValueError(f"configs/demo.py:{model}: expected laga, {', '.join(ABLATION_ROWS)} or a model with a "
+                       f"configs/<model>.py (e.g. bot, pcb, mgn, mba)") from None
+    return module.get_config("demo")
   config = base.get_config()
   config.data.name = "demo"
   config.data.root = "data/demo"
@@ -25,7 +43,7 @@ def get_config():
   # No pretrained backbone here: it is as new as the heads, so it learns at the full rate, and the rate is
   # higher than the paper's (tuned for fine-tuning ImageNet weights) so that 15 short epochs suffice.
   config.optim.lr = 2e-3
-  config.optim.backbone_lr_mult = 1.0
+  config.optim.param_groups = ((".*", 1.0),)
   config.optim.warmup_epochs = 1
   config.optim.decay_epochs = (10, 13)
   config.train.num_epochs = 15
@@ -33,4 +51,5 @@ def get_config():
   config.train.keep_checkpoints = 1
   config.eval.batch_size = 50
   config.eval.evaluate_untrained = True
+  config.model.update(ABLATION_ROWS.get(model, {}))
   return config

@@ -11,6 +11,7 @@ colour matching imperfect, so a model has to learn something. Output:
   ROOT/demo_dataset.json         parameters and counts, written last
 
   python -m data_pipelines.demo --root data/demo
+  python -m data_pipelines.demo --root data/demo_b --domain 1 --seed 1   # a second site ("demo_b")
 """
 
 import argparse
@@ -44,6 +45,7 @@ class DemoParams:
   height: int = 128
   width: int = 64
   seed: int = 0
+  domain: int = 0      # 0: the demo look; 1: "demo_b", other cameras (darker, stronger casts, other scenes)
 
   def validate(self) -> None:
     for name in ("num_train_ids", "num_test_ids", "images_per_id_per_cam", "height", "width"):
@@ -54,6 +56,8 @@ class DemoParams:
                        f"ids as in Market-1501), got {self.num_cams}")
     if self.num_distractors < 0 or self.num_junk < 0:
       raise ValueError("demo dataset: num_distractors and num_junk must be >= 0")
+    if self.domain not in DOMAINS:
+      raise ValueError(f"demo dataset: domain must be one of {sorted(DOMAINS)}, got {self.domain}")
     if self.num_train_ids + self.num_test_ids > 1500:
       raise ValueError("demo dataset: at most 1500 identities (4-digit Market-1501 ids)")
 
@@ -95,16 +99,25 @@ def _identities(rng: np.random.Generator, n: int) -> dict:
   }
 
 
-def _cameras(rng: np.random.Generator, n: int) -> dict:
-  """Background and lighting of `n` cameras."""
+# Camera looks per domain: (wall/sky scale, offset), (floor scale, offset), cast range, brightness range,
+# horizon range. Domain 1 is a second "site" for cross-domain tests: dim indoor scenes with strong casts.
+DOMAINS = {
+    0: dict(sky=(0.8, 0.1), floor=(0.7, 0.1), cast=(0.75, 1.25), brightness=(0.7, 1.15), horizon=(0.55, 0.8)),
+    1: dict(sky=(0.45, 0.05), floor=(0.5, 0.2), cast=(0.6, 1.4), brightness=(0.5, 0.85), horizon=(0.7, 0.9)),
+}
+
+
+def _cameras(rng: np.random.Generator, n: int, domain: int = 0) -> dict:
+  """Background and lighting of `n` cameras of site `domain`."""
+  look = DOMAINS[domain]
   return {
-      "sky": _random_colours(rng, n, dark_fraction=0.5) * 0.8 + 0.1,
-      "floor": _random_colours(rng, n, dark_fraction=0.6) * 0.7 + 0.1,
+      "sky": _random_colours(rng, n, dark_fraction=0.5) * look["sky"][0] + look["sky"][1],
+      "floor": _random_colours(rng, n, dark_fraction=0.6) * look["floor"][0] + look["floor"][1],
       "pillar": _random_colours(rng, n, dark_fraction=0.5),
       "pillar_x": rng.uniform(0.0, 1.0, n),
-      "horizon": rng.uniform(0.55, 0.8, n),
-      "cast": rng.uniform(0.75, 1.25, (n, 3)),          # per-channel gain: the camera's colour cast
-      "brightness": rng.uniform(0.7, 1.15, n),
+      "horizon": rng.uniform(*look["horizon"], n),
+      "cast": rng.uniform(*look["cast"], (n, 3)),       # per-channel gain: the camera's colour cast
+      "brightness": rng.uniform(*look["brightness"], n),
   }
 
 
@@ -227,7 +240,7 @@ def _draw_all(p: DemoParams, rows: list, rng: np.random.Generator) -> np.ndarray
   """Images for the `_plan` rows, rendered in vectorised chunks."""
   num_people = p.num_train_ids + p.num_test_ids
   people = _identities(rng, num_people + len(rows))  # the extra rows give distractors their own looks
-  cams = _cameras(rng, p.num_cams)
+  cams = _cameras(rng, p.num_cams, p.domain)
   kind = np.array([r[4] for r in rows])
   views = _views(rng, len(rows))
   cropped = _views(rng, len(rows), crop=True)
@@ -272,10 +285,14 @@ def generate_demo_dataset(root, *, num_train_ids: int = DemoParams.num_train_ids
                           images_per_id_per_cam: int = DemoParams.images_per_id_per_cam,
                           num_cams: int = DemoParams.num_cams, num_distractors: int = DemoParams.num_distractors,
                           num_junk: int = DemoParams.num_junk, height: int = DemoParams.height,
-                          width: int = DemoParams.width, seed: int = DemoParams.seed) -> pathlib.Path:
-  """Write the demo dataset under `root` (Market-1501 layout) unless an identical one is already there."""
+                          width: int = DemoParams.width, seed: int = DemoParams.seed,
+                          domain: int = DemoParams.domain) -> pathlib.Path:
+  """Write the demo dataset under `root` (Market-1501 layout) unless an identical one is already there.
+
+  `domain=1` with another `seed` draws the "demo_b" set: other identities seen by other cameras.
+  """
   params = DemoParams(num_train_ids, num_test_ids, images_per_id_per_cam, num_cams, num_distractors, num_junk,
-                      height, width, seed)
+                      height, width, seed, domain)
   params.validate()
   root = pathlib.Path(root)
   wanted = dataclasses.asdict(params)

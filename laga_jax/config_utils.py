@@ -5,7 +5,7 @@ from typing import Any, Iterable
 
 import ml_collections
 
-MODES = ("train", "eval", "train_eval", "search")
+MODES = ("train", "eval", "train_eval", "search", "maps")
 
 
 class ConfigError(ValueError):
@@ -46,28 +46,151 @@ def _pair(config, field: str) -> None:
     _fail(field, value, "(height, width), two positive integers")
 
 
+def fail(field: str, value: Any, expected: str) -> None:
+  """Raise `ConfigError` for `--config.<field>=<value>`, saying what was expected."""
+  _fail(field, value, expected)
+
+
+def check_model_common(model_cfg: ml_collections.ConfigDict) -> None:
+  """Checks of the `config.model` fields every model has (`dtype`, `pretrained`, `init_from`)."""
+  if model_cfg.get("dtype", "float32") not in ("float32", "bfloat16"):
+    _fail("model.dtype", model_cfg.dtype, "one of 'float32', 'bfloat16'")
+  pretrained = model_cfg.get("pretrained", "")
+  if pretrained and not pathlib.Path(pretrained).expanduser().is_file():
+    _fail("model.pretrained", pretrained,
+          "a torchvision ResNet50 weight file (.pth, .safetensors or .npz) that exists, or '' for random init")
+  init_from = model_cfg.get("init_from", "")
+  if init_from and not (pathlib.Path(init_from).expanduser() / "checkpoints").is_dir():
+    _fail("model.init_from", init_from, "a workdir with a checkpoints/ folder, or ''")
+
+
+def _check_loss(config, model) -> None:
+  from laga_jax import losses
+  loss = config.loss
+  if loss.get("head_reduction", "sum") not in losses.HEAD_REDUCTIONS:
+    _fail("loss.head_reduction", loss.head_reduction, "one of " + ", ".join(map(repr, losses.HEAD_REDUCTIONS)))
+  for name in losses.LOSS_NAMES:
+    if name in loss and (isinstance(loss[name].weight, bool) or loss[name].weight < 0):
+      _fail(f"loss.{name}.weight", loss[name].weight, "a non-negative weight (0 leaves the loss out)")
+  if not 0.0 <= loss.ce.label_smoothing < 1.0:
+    _fail("loss.ce.label_smoothing", loss.ce.label_smoothing, "a value in [0, 1)")
+  metric_losses = [n for n in ("triplet", "center") if n in loss and loss[n].weight > 0]
+  for name in metric_losses:
+    if loss[name].feature not in model.FEATURE_TAPS:
+      _fail(f"loss.{name}.feature", loss[name].feature,
+            f"one of {', '.join(map(repr, model.FEATURE_TAPS))} (the feature taps of model {model.NAME!r})")
+  if "triplet" in metric_losses:
+    if not loss.triplet.soft and loss.triplet.margin <= 0:
+      _fail("loss.triplet.margin", loss.triplet.margin, "a positive margin (or --config.loss.triplet.soft=True)")
+    if config.data.p < 2 or config.data.k < 2:
+      _fail("data.p" if config.data.p < 2 else "data.k", min(config.data.p, config.data.k),
+            "at least 2 (batch-hard triplet needs positives and negatives in every batch; "
+            "or set --config.loss.triplet.weight=0)")
+  if "center" in metric_losses and loss.center.lr <= 0:
+    _fail("loss.center.lr", loss.center.lr, "a positive learning rate for the centers")
+  if not any(loss[n].weight > 0 for n in losses.LOSS_NAMES if n in loss):
+    _fail("loss.ce.weight", loss.ce.weight, "a positive weight for at least one loss")
+
+
+def _check_optim(config) -> None:
+  from laga_jax import optim
+  o = config.optim
+  _one_of(config, "optim.name", optim.OPTIMIZERS)
+  _one_of(config, "optim.schedule", optim.SCHEDULES)
+  _positive(config, "optim.lr")
+  if o.weight_decay < 0:
+    _fail("optim.weight_decay", o.weight_decay, "a non-negative coefficient")
+  if o.warmup_epochs < 0:
+    _fail("optim.warmup_epochs", o.warmup_epochs, "a number of epochs >= 0")
+  if o.warmup_epochs > 0 and o.warmup_start_lr < 0:
+    _fail("optim.warmup_start_lr", o.warmup_start_lr, "a learning rate >= 0")
+  if o.schedule == "warmup_multistep":
+    decay = tuple(o.decay_epochs)
+    if list(decay) != sorted(decay) or any(e < o.warmup_epochs for e in decay):
+      _fail("optim.decay_epochs", decay, f"ascending epochs, none before the end of the warm-up "
+            f"(optim.warmup_epochs={o.warmup_epochs})")
+    if not 0.0 < o.decay_factor <= 1.0:
+      _fail("optim.decay_factor", o.decay_factor, "a factor in (0, 1]")
+  if o.name == "sgd" and not 0.0 <= o.momentum < 1.0:
+    _fail("optim.momentum", o.momentum, "a momentum in [0, 1)")
+  if o.name in ("adam", "adamw"):
+    for field in ("b1", "b2"):
+      if not 0.0 <= o[field] < 1.0:
+        _fail(f"optim.{field}", o[field], "a decay rate in [0, 1)")
+    _positive(config, "optim.eps")
+  try:
+    optim._rules(o, "backbone")
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
+
+
+def _integer(config, field: str, minimum: int, *, allow=(), maximum: Any = None) -> None:
+  """An integer >= `minimum` (and <= `maximum`), or one of the special values in `allow`."""
+  value = _get(config, field)
+  if value in allow and not isinstance(value, bool):
+    return
+  if (not isinstance(value, int) or isinstance(value, bool) or value < minimum
+      or (maximum is not None and value > maximum)):
+    special = f", or {', '.join(map(repr, allow))}" if allow else ""
+    upper = f" and <= {maximum}" if maximum is not None else ""
+    _fail(field, value, f"an integer >= {minimum}{upper}{special}")
+
+
+def _in_range(config, field: str, low: float, high: float) -> None:
+  """A number in [low, high]."""
+  value = _get(config, field)
+  if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
+    _fail(field, value, f"a number in [{low}, {high}]")
+
+
+def _check_data_fields(config) -> None:
+  """The data fields beyond name, kind, sizes, erasing and P x K."""
+  from data_pipelines import datasets, image_check
+  d = config.data
+  jitter = d.color_jitter
+  if (not isinstance(jitter, (tuple, list)) or len(jitter) != 4
+      or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in jitter)
+      or jitter[3] > 0.5):
+    _fail("data.color_jitter", jitter, "(brightness, contrast, saturation, hue), each >= 0, hue <= 0.5")
+  _integer(config, "data.num_parallel_calls", 1, allow=(-1,))
+  _one_of(config, "data.bad_images", image_check.POLICIES)
+  info = datasets.DATASETS[d.name]
+  valid = {**info.options, **datasets.COMMON_OPTIONS}
+  for key in d.options:
+    if key not in valid:
+      _fail(f"data.options.{key}", d.options[key],
+            f"an option of dataset {d.name!r}: {', '.join(sorted(valid)) or 'it takes none'}")
+
+
+def _check_train_eval_fields(config) -> None:
+  """The train and eval fields beyond epochs, steps, devices, logging and the eval sizes."""
+  _integer(config, "train.seed", 0, maximum=2 ** 31 - 1)
+  _integer(config, "train.checkpoint_every_epochs", 1)
+  _integer(config, "eval.rerank_k1", 1)
+  _integer(config, "eval.rerank_k2", 1)
+  _in_range(config, "eval.rerank_lambda", 0.0, 1.0)
+  _integer(config, "eval.num_figures", 0)
+  _integer(config, "eval.figure_topk", 1)
+  spec = str(config.eval.get("datasets", "") or "").strip()
+  if spec:
+    from data_pipelines import datasets
+    names = [entry.partition("=")[0].strip() for entry in spec.split(",")]
+    if any(n not in datasets.DATASETS for n in names) or len(set(names)) != len(names):
+      _fail("eval.datasets", spec, "registered dataset names, comma separated, each once, each optionally "
+            f"name=root; names: {', '.join(datasets.DATASETS)}")
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raise `ConfigError` for the first field whose value cannot work."""
   from data_pipelines import datasets  # Deferred: keeps `import laga_jax` free of TensorFlow.
 
   _one_of(config, "mode", MODES)
-  m = config.model
-  if not m.stage_sizes:
-    _one_of(config, "model.depth", (50, 101, 152))
-  elif not all(isinstance(s, int) and s > 0 for s in m.stage_sizes) or len(m.stage_sizes) != 4:
-    _fail("model.stage_sizes", m.stage_sizes, "four positive block counts, e.g. (3, 4, 6, 3), or ()")
-  _positive(config, "model.width")
-  _one_of(config, "model.last_stride", (1, 2))
-  _positive(config, "model.num_stripes")
-  _positive(config, "model.reduction_dim")
-  if not 0.0 <= m.dropout < 1.0:
-    _fail("model.dropout", m.dropout, "a probability in [0, 1)")
-  _one_of(config, "model.cam_energy", ("author", "paper"))
-  _one_of(config, "model.rpe", ("diagonal", "axial", "none"))
-  _one_of(config, "model.dtype", ("float32", "bfloat16"))
-  if m.pretrained and not pathlib.Path(m.pretrained).expanduser().is_file():
-    _fail("model.pretrained", m.pretrained,
-          "a torchvision ResNet50 weight file (.pth, .safetensors or .npz) that exists, or '' for random init")
+  from laga_jax import models
+  try:
+    model = models.get_model(config.model.get("name", ""))
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
+  model.validate(config.model)
 
   _one_of(config, "data.name", sorted(datasets.DATASETS))
   _one_of(config, "data.kind", ("body", "hand"))
@@ -81,21 +204,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _fail("data.erasing_p", config.data.erasing_p, "a probability in [0, 1]")
   _positive(config, "data.p")
   _positive(config, "data.k")
-  if config.loss.triplet_beta > 0 and (config.data.p < 2 or config.data.k < 2):
-    _fail("data.p" if config.data.p < 2 else "data.k", min(config.data.p, config.data.k),
-          "at least 2 (batch-hard triplet needs positives and negatives in every batch; "
-          "or set --config.loss.triplet_beta=0)")
-
-  if not 0.0 <= config.loss.label_smoothing < 1.0:
-    _fail("loss.label_smoothing", config.loss.label_smoothing, "a value in [0, 1)")
-  if config.loss.triplet_beta < 0:
-    _fail("loss.triplet_beta", config.loss.triplet_beta, "a non-negative weight")
-  _one_of(config, "loss.triplet_feature", ("embedding", "pooled"))
-
-  _positive(config, "optim.lr")
-  _positive(config, "optim.backbone_lr_mult")
-  if config.optim.weight_decay < 0:
-    _fail("optim.weight_decay", config.optim.weight_decay, "a non-negative coefficient")
+  _check_data_fields(config)
+  _check_loss(config, model)
+  _check_optim(config)
 
   _positive(config, "train.num_epochs")
   _positive(config, "train.steps_per_epoch", allow=(-1,))
@@ -108,3 +219,4 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _positive(config, "eval.max_rank")
   _positive(config, "eval.query_chunk")
   _positive(config, "eval.num_draws")
+  _check_train_eval_fields(config)

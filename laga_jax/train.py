@@ -15,6 +15,7 @@ from flax.training import train_state
 from jax import lax
 
 from laga_jax import losses
+from laga_jax.optim import LOSS_PARAMS
 from laga_jax.parallel import DATA_AXIS
 
 Metrics = dict
@@ -26,7 +27,8 @@ class TrainState(train_state.TrainState):
   rng: jax.Array
 
   def variables(self) -> dict:
-    return {"params": self.params, "batch_stats": self.batch_stats}
+    """The model's variables (without the losses' own parameters, e.g. BoT's centers)."""
+    return {"params": split_params(self.params)[0], "batch_stats": self.batch_stats}
 
   def checkpoint_tree(self) -> dict:
     """What a checkpoint stores: every array of the state (the functions are rebuilt from the config)."""
@@ -73,15 +75,16 @@ def _as_per_device(tree: Any, axis_name: str) -> Any:
   return tree
 
 
-def _loss_kwargs(loss_cfg: ml_collections.ConfigDict) -> dict:
-  return dict(label_smoothing=loss_cfg.label_smoothing, beta=loss_cfg.triplet_beta,
-              margin=loss_cfg.triplet_margin, normalize=loss_cfg.triplet_normalize,
-              triplet_feature=loss_cfg.triplet_feature)
+def split_params(params: dict) -> Tuple[dict, Optional[dict]]:
+  """(model parameters, the losses' own parameters or None): losses keep theirs under `LOSS_PARAMS`."""
+  if LOSS_PARAMS not in params:
+    return params, None
+  return {k: v for k, v in params.items() if k != LOSS_PARAMS}, params[LOSS_PARAMS]
 
 
 def train_step(state: TrainState, batch: dict, *, loss_cfg: ml_collections.ConfigDict,
                axis_name: Optional[str] = DATA_AXIS) -> Tuple[TrainState, Metrics]:
-  """One optimiser step on this device's share of the batch (eq. 8 loss over the global batch).
+  """One optimiser step on this device's share of the batch (the configured loss over the global batch).
 
   Collectives over `axis_name`: BatchNorm statistics (inside the model), the gathered batch for the loss,
   and the summed gradients. With `axis_name=None` it is a plain single-device step.
@@ -91,14 +94,15 @@ def train_step(state: TrainState, batch: dict, *, loss_cfg: ml_collections.Confi
     step_rng = jax.random.fold_in(step_rng, lax.axis_index(axis_name))
   labels = batch["label"]
   all_labels = labels if axis_name is None else lax.all_gather(labels, axis_name, tiled=True)
-  needed = ("logits", "embeddings" if loss_cfg.triplet_feature == "embedding" else "pooled")
+  needed = losses.feature_keys(loss_cfg)
 
   def loss_fn(params):
+    model_params, loss_params = split_params(params)
     outputs, mutated = state.apply_fn(
-        {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
+        {"params": model_params, "batch_stats": state.batch_stats}, batch["image"], train=True,
         mutable=["batch_stats"], rngs={"dropout": step_rng})
     outputs = {k: _gather_batch(outputs[k], 1, axis_name) for k in needed}
-    loss, metrics = losses.laga_loss(outputs, all_labels, **_loss_kwargs(loss_cfg))
+    loss, metrics = losses.reid_loss(outputs, all_labels, loss_cfg, loss_params)
     return loss, (metrics, mutated["batch_stats"])
 
   params = state.params if axis_name is None else _as_per_device(state.params, axis_name)

@@ -6,7 +6,7 @@ import json
 import logging
 import pathlib
 import time
-from typing import Any, Optional
+from typing import Any, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -14,10 +14,9 @@ import ml_collections
 import numpy as np
 
 from laga_jax import checkpoint as checkpoint_lib
-from laga_jax import config_utils, optim, parallel, weights
+from laga_jax import config_utils, models, optim, parallel, safeguards, weights
 from laga_jax import train as train_lib
-from laga_jax.logging_utils import MetricWriter, ProgressBar
-from laga_jax.models import laga_net
+from laga_jax.logging_utils import MetricWriter, ProgressBar, result_figures
 
 log = logging.getLogger("laga_jax")
 
@@ -34,20 +33,32 @@ class Experiment:
   data_parallel: parallel.DataParallel
   steps_per_epoch: int
   total_steps: int
-  feature_fn: Any      # (variables, images) -> (B, num_heads * 2048) eval features, one object per run
+  feature_fn: Any      # (variables, images) -> (B, D) un-normalised eval features, one object per run
+  model_module: Any = None   # the registry module of config.model.name
 
 
-def eval_feature_fn(model):
-  """The model's un-normalised 12288-d eval feature (six pooled vectors, concatenated)."""
+def eval_feature_fn(model_module, model):
+  """(variables, images) -> the model's un-normalised retrieval feature (its module's `eval_features`)."""
   def feature_fn(variables, images):
-    return laga_net.eval_features(model.apply(variables, images, train=False))
+    return model_module.eval_features(model.apply(variables, images, train=False))
   return feature_fn
+
+
+def build_models(config: ml_collections.ConfigDict, num_classes: int) -> tuple:
+  """(registry module, train-mode model with BatchNorm synchronised over the data axis, eval model)."""
+  module = models.get_model(config.model.name)
+  return (module, module.build(config.model, num_classes, bn_axis_name=parallel.DATA_AXIS),
+          module.build(config.model, num_classes))
 
 
 def _dataset_records(config: ml_collections.ConfigDict, **option_overrides) -> dict:
   from data_pipelines import datasets
+  from data_pipelines import image_check
   options = dict(config.data.options.to_dict(), **option_overrides)
-  return datasets.load_splits(config.data.name, config.data.root, **options)
+  splits = datasets.load_splits(config.data.name, config.data.root, **options)
+  # Every image decoded once up front (cached): a bad file stops the run here, not after the training.
+  return image_check.check_splits(splits, dataset=config.data.name, root=config.data.root,
+                                  policy=config.data.get("bad_images", "stop"))
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
@@ -76,10 +87,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   total_steps = config.train.num_epochs * steps_per_epoch
   if config.train.max_steps > 0:
     total_steps = min(total_steps, config.train.max_steps)
-  model = laga_net.from_config(config.model, num_classes, bn_axis_name=parallel.DATA_AXIS)
-  eval_model = laga_net.from_config(config.model, num_classes)
+  module, model, eval_model = build_models(config, num_classes)
   return Experiment(config, workdir, splits, num_classes, model, eval_model, data_parallel,
-                    steps_per_epoch, total_steps, eval_feature_fn(eval_model))
+                    steps_per_epoch, total_steps, eval_feature_fn(module, eval_model), module)
 
 
 @functools.lru_cache(maxsize=8)
@@ -89,21 +99,74 @@ def _init_fn(model, image_size: tuple):
   return jax.jit(lambda rng: model.init(rng, dummy, train=False))
 
 
+def _init_from(variables: dict, workdir: str) -> dict:
+  """Every parameter and BN statistic of `variables` that the checkpoint in `workdir` has with the same
+  shape, taken from it (e.g. PCB's trained trunk and parts for the RPP stage); the rest keep their init."""
+  import flax
+  source = checkpoint_lib.Checkpointer(workdir, {}, keep=1)
+  try:
+    best = source.best_step() is not None
+    step = source.best_step() if best else source.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"--config.model.init_from={workdir}: no checkpoint under checkpoints/ or best/")
+    tree = source.restore_raw(step, best=best)
+  finally:
+    source.close()
+  saved = flax.traverse_util.flatten_dict({c: tree[c] for c in ("params", "batch_stats") if c in tree})
+  flat = flax.traverse_util.flatten_dict(variables)
+  taken = 0
+  for path, leaf in flat.items():
+    if path in saved and tuple(np.shape(saved[path])) == tuple(leaf.shape):
+      flat[path] = jnp.asarray(saved[path], leaf.dtype)
+      taken += 1
+  if taken == 0:
+    raise ValueError(f"--config.model.init_from={workdir}: its checkpoint shares no parameter with this model")
+  log.info("initialised %d of %d arrays from %s (step %d)", taken, len(flat), workdir, step)
+  return flax.traverse_util.unflatten_dict(flat)
+
+
 def initial_variables(exp: Experiment, rng: jax.Array) -> dict:
-  """Random initialisation, then the pretrained backbone (stem..layer3 and every layer4 copy) if given."""
+  """Random initialisation, then the pretrained ImageNet backbone and `init_from` checkpoint if given."""
+  # The losses' parameters draw from a key derived from `rng`, which itself stays the model's (so adding a
+  # loss never changes a model's initialisation).
+  loss_rng = jax.random.fold_in(rng, 1)
   variables = _init_fn(exp.eval_model, tuple(exp.config.data.image_size))(rng)
   variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
-  if exp.config.model.pretrained:
+  if exp.config.model.get("pretrained", ""):
     state_dict = weights.load_state_dict(exp.config.model.pretrained)
-    variables = weights.laga_net_variables(state_dict, variables)
+    variables = exp.model_module.pretrained_variables(state_dict, variables, exp.config.model)
+  if exp.config.model.get("init_from", ""):
+    variables = _init_from(variables, exp.config.model.init_from)
+  loss_params = initial_loss_params(exp, variables, loss_rng)
+  if loss_params:
+    variables["params"] = dict(variables["params"], **{optim.LOSS_PARAMS: loss_params})
   return variables
+
+
+def initial_loss_params(exp: Experiment, variables: dict, rng: jax.Array) -> dict:
+  """The losses' own parameters: the center loss's centers, N(0, 1) as in BoT's reference (taps, C, D)."""
+  center = exp.config.loss.get("center")
+  if center is None or center.weight <= 0:
+    return {}
+  dummy = jnp.zeros((2,) + tuple(exp.config.data.image_size) + (3,), jnp.float32)
+  shape = jax.eval_shape(lambda v: exp.eval_model.apply(v, dummy, train=False), variables)
+  tap = shape[center.feature].shape
+  return {"centers": jax.random.normal(rng, (tap[0], exp.num_classes, tap[2]), jnp.float32)}
+
+
+def make_optimizer(exp: Experiment):
+  """The configured optimiser over the model's parameter groups (and the losses' own parameters)."""
+  return optim.make_optimizer(exp.config.optim, exp.steps_per_epoch,
+                              backbone_pattern=exp.model_module.BACKBONE_PATTERN,
+                              num_epochs=exp.config.train.num_epochs, loss_cfg=exp.config.loss)
 
 
 def create_state(exp: Experiment) -> train_lib.TrainState:
   init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(exp.config.train.seed))
   variables = initial_variables(exp, init_rng)
-  tx = optim.make_optimizer(exp.config.optim, exp.steps_per_epoch)
-  return train_lib.create_train_state(exp.model, tx, variables, dropout_rng)
+  # Check the parameter groups now, with the paths named, rather than at the first traced step.
+  optim.param_labels(variables["params"], exp.config.optim, exp.model_module.BACKBONE_PATTERN)
+  return train_lib.create_train_state(exp.model, make_optimizer(exp), variables, dropout_rng)
 
 
 def _average(metrics: list) -> dict:
@@ -159,6 +222,15 @@ def train(exp: Experiment, state: train_lib.TrainState, checkpointer: checkpoint
   images_per_step = config.data.p * config.data.k
   bar = ProgressBar(exp.total_steps, images_per_step=images_per_step, initial=step)
   pending = []
+  guard = safeguards.FiniteGuard(lambda: safeguards.last_checkpoint(checkpointer))
+
+  def stop_here():  # Ctrl-C (safeguards.GracefulInterrupt): save this step's state and stop, resumable exactly
+    guard.flush()
+    if checkpointer.latest_step() != step:
+      checkpointer.save(step, state.checkpoint_tree(), {"epoch": step // exp.steps_per_epoch,
+                                                        "best_val_accuracy": best_accuracy})
+    raise safeguards.TrainingInterrupted(f"interrupted by Ctrl-C: saved {safeguards.last_checkpoint(checkpointer)} "
+                                         f"of {exp.total_steps}; run the same command to resume")
   # Decoded once per run, not per epoch; only worth it for large originals (11k hands are 1600×1200).
   decoded = (input_pipeline.DecodedImages.from_paths([r.path for r in exp.splits["train"]],
                                                      config.data.num_parallel_calls)
@@ -175,18 +247,24 @@ def train(exp: Experiment, state: train_lib.TrainState, checkpointer: checkpoint
       state, metrics = step_fn(state, batch)
       pending.append(metrics)
       step += 1
+      guard.after_step(step, epoch, metrics)  # stops at the first non-finite loss, naming that step
       if step % config.train.log_every_steps == 0 or step % exp.steps_per_epoch == 0 \
           or step == exp.total_steps:
+        guard.flush()
         scalars = _average(pending)
         pending = []
         if scalars.pop("finite") < 1.0:
           raise FloatingPointError(f"non-finite loss at step {step} (epoch {epoch}); last metrics {scalars}")
         scalars.update({f"lr_{k}": v for k, v in
-                        optim.current_learning_rates(config.optim, step - 1, exp.steps_per_epoch).items()})
+                        optim.current_learning_rates(config.optim, step - 1, exp.steps_per_epoch,
+                                                     config.train.num_epochs).items()})
         scalars["images_per_second"] = bar.steps_per_second() * images_per_step
         writer.write(step, scalars, epoch=epoch)
         bar.update(0, {k: scalars[k] for k in ("loss", "accuracy") if k in scalars})
       bar.update(1)
+      if safeguards.stop_requested() and step % exp.steps_per_epoch:
+        stop_here()
+    guard.flush()
     epoch_done = step % exp.steps_per_epoch == 0
     accuracy = validation_accuracy(exp, state, val_fn) if epoch_done else None
     is_best = False
@@ -202,13 +280,206 @@ def train(exp: Experiment, state: train_lib.TrainState, checkpointer: checkpoint
                         {"epoch": epoch + int(epoch_done), "val_accuracy": accuracy,
                          "best_val_accuracy": best_accuracy, "epoch_seconds": time.perf_counter() - epoch_start},
                         best=is_best)
+    if safeguards.stop_requested() and step < exp.total_steps:
+      stop_here()
   return state
+
+
+def eval_targets(config: ml_collections.ConfigDict) -> List[Tuple[str, ml_collections.ConfigDict]]:
+  """(name, config) of every evaluation target: `config.eval.datasets` ("name" or "name=root", comma
+  separated), or the training dataset when it is empty.
+
+  Another dataset's root defaults to the folder beside `config.data.root` named as the dataset's own
+  download (e.g. data/demo -> data/demo_b). Hand targets are scored over `config.eval.num_draws` draws when
+  they are the training dataset, else over the 10 draws of the hand protocol.
+  """
+  from data_pipelines import datasets
+  spec = str(config.eval.datasets or "").strip()
+  if not spec:
+    return [(config.data.name, config)]
+  targets = []
+  for entry in (e.strip() for e in spec.split(",")):
+    name, _, root = entry.partition("=")
+    name = name.strip()
+    try:
+      info = datasets.get_dataset_info(name)
+    except ValueError as error:
+      raise config_utils.ConfigError(f"--config.eval.datasets={spec!r}: {error}") from None
+    target = config.copy_and_resolve_references()
+    if name == config.data.name and not root:
+      targets.append((name, target))
+      continue
+    target.data.name = name
+    target.data.root = root.strip() or str(pathlib.Path(config.data.root or ".").parent / info.folder)
+    target.data.kind = info.kind
+    target.data.options = ml_collections.ConfigDict()
+    if name != config.data.name:
+      target.eval.num_draws = 10 if info.kind == "hand" else 1
+    targets.append((name, target))
+  names = [n for n, _ in targets]
+  if len(set(names)) != len(names):
+    raise config_utils.ConfigError(f"--config.eval.datasets={spec!r}: a dataset is listed twice")
+  return targets
+
+
+def _target_splits(target: ml_collections.ConfigDict, default: Optional[dict] = None) -> list:
+  """The query/gallery splits to score: one split, or `num_draws` seeded draws (hand protocol)."""
+  if target.eval.num_draws == 1:
+    return [default if default is not None else _dataset_records(target)]
+  return [_dataset_records(target, draw=draw) for draw in range(target.eval.num_draws)]
+
+
+def evaluate_targets(config: ml_collections.ConfigDict, workdir: pathlib.Path, feature_fn, variables: dict, *,
+                     tag: str, mesh=None, default_splits: Optional[dict] = None,
+                     only: Optional[set] = None, maps_model=None) -> dict:
+  """Metrics on every evaluation target (features, per-query scores and figures in `workdir`).
+
+  With `config.eval.datasets` empty: the training dataset's metrics, as a flat dict. Otherwise the first
+  target's metrics at the top level and every target's under "targets" (files get a `_<name>` suffix
+  except for the training dataset's). `only` restricts the targets evaluated (by name).
+  """
+  from laga_jax.evaluation import pipeline as eval_pipeline
+  blocks = {}
+  for name, target in eval_targets(config):
+    if only is not None and name not in only:
+      continue
+    is_training_set = name == config.data.name and target.data.root == config.data.root
+    suffix = "" if is_training_set else f"_{name}"
+    splits = _target_splits(target, default_splits if is_training_set else None)
+    blocks[name] = eval_pipeline.evaluate(target, splits, feature_fn, variables, workdir=str(workdir),
+                                          tag=tag + suffix, mesh=mesh)
+    blocks[name]["dataset"] = name
+    if maps_model is not None and target.eval.num_figures > 0 and jax.process_index() == 0:
+      from laga_jax.evaluation import maps
+      blocks[name]["maps_figure"] = maps.grid_for_records(
+          maps_model, variables, splits[0]["query"], target.data, str(workdir / f"maps_{tag}{suffix}.png"),
+          num_images=min(6, target.eval.num_figures + 2), seed=target.train.seed)
+  if not str(config.eval.datasets or "").strip():
+    return blocks[config.data.name]
+  if not blocks:
+    return {}
+  return dict(next(iter(blocks.values())), targets=blocks)
+
+
+def evaluate(exp: Experiment, variables: dict, *, tag: str) -> dict:
+  """The test protocol on `variables` over every evaluation target (see `evaluate_targets`)."""
+  dp = exp.data_parallel
+  return evaluate_targets(exp.config, exp.workdir, exp.feature_fn, variables, tag=tag,
+                          mesh=dp.mesh if dp.num_devices > 1 else None, default_splits=exp.splits,
+                          maps_model=exp.eval_model if tag == "final" else None)
+
+
+def _write_results(workdir: pathlib.Path, results: dict) -> None:
+  if jax.process_index() == 0:
+    (workdir / "results.json").write_text(json.dumps(results, indent=2))
+
+
+def load_trained_model(config: ml_collections.ConfigDict, workdir: pathlib.Path, *, mode: str) -> tuple:
+  """(model module, eval model, variables, checkpoint meta, is_best) of the run in `workdir`: its best
+  checkpoint if `train.select_best` kept one, else the latest; parameters only, no optimiser."""
+  if not (workdir / "checkpoints").is_dir():
+    raise FileNotFoundError(f"--mode {mode}: no checkpoint under {workdir / 'checkpoints'}; "
+                            "train first or point --workdir at a trained run")
+  probe = checkpoint_lib.Checkpointer(str(workdir), {}, keep=1)
+  try:
+    best = bool(config.train.select_best) and probe.best_step() is not None
+    meta = probe.read_meta(best=best)
+  finally:
+    probe.close()
+  if meta is None:
+    raise FileNotFoundError(f"--mode {mode}: no checkpoint under {workdir / 'checkpoints'}; "
+                            "train first or point --workdir at a trained run")
+  num_classes = int(meta["fingerprint"]["num_classes"])
+  module, _, eval_model = build_models(config, num_classes)
+  checkpointer = checkpoint_lib.Checkpointer(str(workdir), checkpoint_lib.fingerprint(config, num_classes),
+                                             keep=config.train.keep_checkpoints)
+  try:
+    tree, meta = checkpointer.restore_params(best=best, parameters_only=True)
+  finally:
+    checkpointer.close()
+  variables = {"params": train_lib.split_params(tree["params"])[0], "batch_stats": tree["batch_stats"]}
+  return module, eval_model, variables, meta, best
+
+
+def maps_workdir(config: ml_collections.ConfigDict, workdir: str, *, split: str = "query",
+                 num_images: int = 6) -> str:
+  """`--mode maps`: activation (and, for LAGA-Net, attention) maps of `num_images` images of a split of
+  the first evaluation target, drawn by the trained model of `workdir` into `maps_<split>.png`."""
+  from laga_jax.evaluation import maps
+  workdir = pathlib.Path(workdir).absolute()
+  _, eval_model, variables, _, _ = load_trained_model(config, workdir, mode="maps")
+  name, target = eval_targets(config)[0]
+  splits = _dataset_records(target, **({"draw": 0} if target.eval.num_draws > 1 else {}))
+  if split not in splits or not splits[split]:
+    raise ValueError(f"--split {split}: dataset {name!r} has splits {', '.join(k for k in splits if splits[k])}")
+  suffix = "" if name == config.data.name else f"_{name}"
+  path = maps.grid_for_records(eval_model, variables, splits[split], target.data,
+                               str(workdir / f"maps_{split}{suffix}.png"), num_images=num_images,
+                               seed=config.train.seed)
+  log.info("maps: %s", path)
+  return path
+
+
+def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """`--mode eval`: the checkpoint of `workdir` (best if `train.select_best` and kept, else latest) on every
+  evaluation target, without the training split or the optimiser.
+
+  The checkpoint is refused only when the model's parameters differ (`checkpoint.parameter_fingerprint`):
+  another dataset or other evaluation options are no mismatch.
+  """
+  workdir = pathlib.Path(workdir).absolute()
+  module, eval_model, variables, meta, best = load_trained_model(config, workdir, mode="eval")
+  num_classes = int(meta["fingerprint"]["num_classes"])
+  devices = parallel.local_devices(config.train.num_devices)
+  mesh = parallel.make_mesh(devices) if len(devices) > 1 else None
+  feature_fn = eval_feature_fn(module, eval_model)
+  results: dict = {"dataset": config.data.name, "config": json.loads(config.to_json_best_effort())}
+  results.update(evaluate_targets(config, workdir, feature_fn, variables, tag="final", mesh=mesh,
+                                  maps_model=eval_model))
+  results["evaluated"] = {"checkpoint": "best" if best else "last", "step": meta["step"],
+                          "epoch": meta.get("epoch"), "val_accuracy": meta.get("val_accuracy")}
+  untrained = _untrained_results(config, workdir, module, eval_model, num_classes, feature_fn, mesh)
+  if untrained:
+    results["untrained"] = untrained
+  _write_results(workdir, results)
+  return results
+
+
+def _untrained_results(config, workdir: pathlib.Path, module, eval_model, num_classes: int, feature_fn,
+                       mesh) -> Optional[dict]:
+  """The untrained model's metrics saved by training, completed for evaluation targets it lacks (when
+  `eval.evaluate_untrained`): the same initialisation as the run's, so the comparison is fair."""
+  path = workdir / "untrained_results.json"
+  saved = json.loads(path.read_text()) if path.exists() else None
+  if not config.eval.evaluate_untrained:
+    return saved
+  names = [n for n, _ in eval_targets(config)]
+  have = set((saved or {}).get("targets", {})) | ({saved.get("dataset", config.data.name)} if saved else set())
+  missing = [n for n in names if n not in have]
+  if not missing:
+    return saved
+  exp = Experiment(config, workdir, {}, num_classes, eval_model, eval_model, None, 1, 0, feature_fn, module)
+  init_rng, _ = jax.random.split(jax.random.PRNGKey(config.train.seed))
+  variables = initial_variables(exp, init_rng)
+  variables = {"params": train_lib.split_params(variables["params"])[0], "batch_stats": variables["batch_stats"]}
+  fresh = evaluate_targets(config, workdir, feature_fn, variables, tag="untrained", mesh=mesh, only=set(missing))
+  merged = dict(saved or {})
+  blocks = dict(merged.get("targets", {}))
+  if saved and "targets" not in saved:
+    blocks[saved.get("dataset", config.data.name)] = {k: v for k, v in saved.items() if k != "targets"}
+  blocks.update(fresh.get("targets", {}) if "targets" in fresh else {missing[0]: fresh})
+  if not merged:
+    merged = dict(next(iter(blocks.values())))
+  merged["targets"] = blocks
+  if jax.process_index() == 0:
+    path.write_text(json.dumps(merged, indent=2))
+  return merged
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """The whole job: (resume) training and/or evaluation per `config.mode`; returns and writes results.json."""
-  from laga_jax.evaluation import pipeline as eval_pipeline
-
+  if config.mode == "eval":
+    return evaluate_workdir(config, workdir)
   exp = setup(config, workdir)
   state = create_state(exp)
   checkpointer = checkpoint_lib.Checkpointer(
@@ -226,26 +497,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config.mode in ("train", "train_eval"):
       if (config.eval.evaluate_untrained and config.mode == "train_eval" and int(state.step) == 0
           and not untrained_file.exists()):
-        untrained = eval_pipeline.evaluate(exp, state.variables(), tag="untrained")
+        untrained = evaluate(exp, state.variables(), tag="untrained")
         untrained_file.write_text(json.dumps(untrained, indent=2))
-      state = train(exp, state, checkpointer, writer)
+      with safeguards.GracefulInterrupt():  # Ctrl-C: finish the step, save, exit; twice: exit at once
+        state = train(exp, state, checkpointer, writer)
     if config.mode in ("eval", "train_eval"):
-      if config.mode == "eval" and restored is None:
-        raise FileNotFoundError(f"--mode eval: no checkpoint under {exp.workdir / 'checkpoints'}; "
-                                "train first or point --workdir at a trained run")
       variables = state.variables()
       evaluated = {"checkpoint": "last", "step": int(jax.device_get(state.step))}
       if config.train.select_best and checkpointer.best_step() is not None:
         best_tree, best_meta = checkpointer.restore(state.checkpoint_tree(), best=True)
-        variables = {"params": best_tree["params"], "batch_stats": best_tree["batch_stats"]}
+        variables = {"params": train_lib.split_params(best_tree["params"])[0],
+                     "batch_stats": best_tree["batch_stats"]}
         evaluated = {"checkpoint": "best", "step": best_meta["step"], "epoch": best_meta.get("epoch"),
                      "val_accuracy": best_meta.get("val_accuracy")}
-      results.update(eval_pipeline.evaluate(exp, variables, tag="final"))
+      results.update(evaluate(exp, variables, tag="final"))
       results["evaluated"] = evaluated
+      writer.write_images(int(evaluated["step"]), result_figures(results))  # the pictures in TensorBoard too
       if untrained_file.exists():
         results["untrained"] = json.loads(untrained_file.read_text())
-      if jax.process_index() == 0:
-        (exp.workdir / "results.json").write_text(json.dumps(results, indent=2))
+      _write_results(exp.workdir, results)
   finally:
     writer.close()
     checkpointer.close()

@@ -9,7 +9,6 @@ refuses every global a state dict does not need (checkpoints are pickles, and pi
 import argparse
 import collections
 import io
-import json
 import os
 import pathlib
 import pickle
@@ -67,13 +66,6 @@ def _from_bytes(raw: bytes, dtype: np.dtype, count: int = -1, big_endian: bool =
   wire = wire.newbyteorder(">" if big_endian else "<")
   array = np.frombuffer(raw, wire, count=count).astype(wire.newbyteorder("="))
   return array.view(BFLOAT16) if dtype == BFLOAT16 else array
-
-
-def _to_bytes(array: np.ndarray) -> bytes:
-  """Little-endian bytes of an array (the inverse of `_from_bytes`)."""
-  if array.dtype == BFLOAT16:
-    array = array.view(np.uint16)
-  return np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes()
 
 
 # --- .pth (torch.save) --------------------------------------------------------------------------------------
@@ -263,53 +255,37 @@ def _read_pth(path: PathLike) -> Any:
 # --- .safetensors and .npz ----------------------------------------------------------------------------------
 
 def _read_safetensors(path: PathLike) -> StateDict:
-  """safetensors: u64 little-endian header length, a JSON header {name: dtype, shape, data_offsets}, data."""
-  raw = pathlib.Path(path).read_bytes()
+  """A .safetensors file through the `safetensors` package (header and offsets checked there), as NumPy
+  arrays in the file's data order; bfloat16 is kept as ml_dtypes' bfloat16."""
+  import safetensors
   try:
-    (header_len,) = struct.unpack("<Q", raw[:8])
-    if header_len > len(raw) - 8:
-      raise ValueError(f"header length {header_len} exceeds the file size {len(raw)}")
-    header = json.loads(raw[8:8 + header_len])
-  except (struct.error, ValueError) as e:
-    raise WeightsError(f"{path}: not a safetensors file ({e})") from e
-  data = memoryview(raw)[8 + header_len:]
+    tensors = safetensors.deserialize(pathlib.Path(path).read_bytes())
+  except safetensors.SafetensorError as e:
+    raise WeightsError(f"{path}: not a readable safetensors file ({e})") from e
   out: StateDict = {}
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    if info.get("dtype") not in SAFETENSORS_DTYPES:
-      raise WeightsError(f"{path}: tensor {name!r} has dtype {info.get('dtype')!r}; supported: "
+  for name, info in tensors:
+    if info["dtype"] not in SAFETENSORS_DTYPES:
+      raise WeightsError(f"{path}: tensor {name!r} has dtype {info['dtype']!r}; supported: "
                          f"{sorted(SAFETENSORS_DTYPES)}")
-    dtype = SAFETENSORS_DTYPES[info["dtype"]]
-    shape = tuple(info["shape"])
-    begin, end = info["data_offsets"]
-    if not 0 <= begin <= end <= len(data) or end - begin != int(np.prod(shape)) * dtype.itemsize:
-      raise WeightsError(f"{path}: tensor {name!r} ({info['dtype']}, shape {shape}) has data_offsets "
-                         f"[{begin}, {end}] that do not fit its size or the file (corrupt file)")
-    out[name] = _from_bytes(data[begin:end], dtype).reshape(shape)
+    out[name] = _from_bytes(info["data"], SAFETENSORS_DTYPES[info["dtype"]]).reshape(tuple(info["shape"]))
   return out
 
 
 def save_safetensors(path: PathLike, state_dict: Mapping[str, np.ndarray]) -> None:
-  """Write a state dict as safetensors (tensors in the given order, 8-byte aligned header)."""
-  names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-  header, chunks, offset = {}, [], 0
+  """Write a state dict as .safetensors with the `safetensors` package (bfloat16 included)."""
+  import safetensors
+  arrays, specs = [], {}
   for key, value in state_dict.items():
     value = np.asarray(value)
     dtype = value.dtype if value.dtype == BFLOAT16 else value.dtype.newbyteorder("=")
-    if dtype not in names:
+    if dtype not in SAFETENSORS_DTYPES.values():
       raise WeightsError(f"{path}: cannot store {key!r} of dtype {value.dtype} as safetensors")
-    blob = _to_bytes(value)
-    header[key] = {"dtype": names[dtype], "shape": list(value.shape),
-                   "data_offsets": [offset, offset + len(blob)]}
-    chunks.append(blob)
-    offset += len(blob)
-  encoded = json.dumps(header, separators=(",", ":")).encode()
-  encoded += b" " * (-len(encoded) % 8)
-  with open(path, "wb") as f:
-    f.write(struct.pack("<Q", len(encoded)) + encoded)
-    for blob in chunks:
-      f.write(blob)
+    little = np.array(value, value.dtype if value.dtype == BFLOAT16 else dtype.newbyteorder("<"), order="C")
+    arrays.append(little)  # alive until written: the specs point into these buffers
+    specs[key] = safetensors.TensorSpec(dtype=dtype.name, shape=little.shape, data_ptr=little.ctypes.data,
+                                        data_len=little.nbytes)
+  safetensors.serialize_file(specs, str(path))
+  del arrays
 
 
 def _read_npz(path: PathLike) -> StateDict:
@@ -497,23 +473,17 @@ def resnet_variables(state_dict: Mapping[str, np.ndarray], template: Optional[Ma
                lambda k: _ignored(k) or (not has_fc and k.startswith("fc.")), source)
 
 
-def _laga_key(module_path: Tuple[str, ...], collection: str, leaf: str) -> Optional[str]:
-  """LAGA-Net path -> torchvision key: `backbone/...` is stem..layer3, every `layer4*` copy is layer4."""
-  head, rest = module_path[0], module_path[1:]
-  if head == "backbone":
-    return torch_key(rest, collection, leaf)
-  if head == "layer4" or head.startswith("layer4_"):
-    return torch_key(("layer4",) + rest, collection, leaf)
-  return None
+def port_state_dict(state_dict: Mapping[str, np.ndarray], variables: Mapping[str, Any],
+                    key_for: Callable[[Tuple[str, ...], str, str], Optional[str]], *,
+                    ignore_prefixes: Sequence[str] = (), source: Optional[str] = None) -> Dict[str, Any]:
+  """Map a torch state dict onto Flax `variables` ({'params', 'batch_stats'}) with a model's key function.
 
-
-def laga_net_variables(state_dict: Mapping[str, np.ndarray], variables: Mapping[str, Any], *,
-                       source: Optional[str] = None) -> Dict[str, Any]:
-  """Initialised LAGA-Net variables with the trunk (stem..layer3) and every layer4 copy set from a
-  torchvision ResNet state dict; attention modules and heads keep their initialisation, `fc` is ignored."""
-  ported = _port(state_dict, {c: variables[c] for c in ("params", "batch_stats")}, _laga_key,
-                 lambda k: _ignored(k) or k.startswith("fc."), source)
-  return {**variables, **ported}
+  `key_for(module_path, collection, leaf)` names the torch key of a Flax leaf (None: keep the leaf as
+  initialised; `torch_key` gives torchvision's naming). Entries starting with `ignore_prefixes` (e.g. "fc.")
+  may be left unused. Errors name the file, the keys and both shapes.
+  """
+  prefixes = tuple(ignore_prefixes)
+  return _port(state_dict, variables, key_for, lambda k: _ignored(k) or k.startswith(prefixes), source)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -28,3 +28,39 @@ def realdata_dir() -> pathlib.Path:
   if not root.is_dir():
     pytest.skip(f"real dataset metadata not found at {root} (set LAGA_REALDATA to its path)")
   return root
+
+
+# --- a tiny trained run, shared by the inference, export and index tests -----------------------------------
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# LAGA-Net at 32×16, width 8, trained for 2 steps (one per epoch: two checkpoint saves) on the demo data.
+TINY_RUN = ("--config.data.image_size=(32,16)", "--config.data.resize_size=(36,18)", "--config.model.width=8",
+            "--config.model.reduction_dim=16", "--config.train.num_epochs=2", "--config.train.steps_per_epoch=1",
+            "--config.eval.batch_size=32", "--config.eval.num_figures=1", "--config.eval.evaluate_untrained=False")
+
+
+def run_py(*args, timeout: int = 900):
+  """`python run.py *args` from the checkout on one CPU device; the CompletedProcess (text)."""
+  import subprocess
+  import sys
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, str(ROOT / "run.py"), *map(str, args)], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+  """(workdir, data root, the run's CompletedProcess): the demo config trained briefly and evaluated by
+  run.py, so the workdir has config.json, checkpoints and evaluation's features_final.npz."""
+  root = tmp_path_factory.mktemp("trained")
+  done = run_py("--config", "configs/demo.py", "--workdir", root / "run", f"--config.data.root={root / 'data'}",
+                *TINY_RUN)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return root / "run", root / "data", done
+
+
+@pytest.fixture(scope="session")
+def trained_extractor(trained_run):
+  """`FeatureExtractor.from_workdir` of the trained run (compiled once per session)."""
+  from laga_jax.inference import FeatureExtractor
+  return FeatureExtractor.from_workdir(trained_run[0])

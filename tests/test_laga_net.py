@@ -331,7 +331,7 @@ def tiny_state_dict() -> dict:
 def test_laga_net_variables_fills_every_layer4(tiny):
   _, variables, _ = tiny
   state_dict = tiny_state_dict()
-  ported = weights.laga_net_variables(state_dict, variables)
+  ported = laga_net.pretrained_variables(state_dict, variables)
   block = ported["params"]["layer4_spatial"]["block0"]
   np.testing.assert_array_equal(block["conv2"]["kernel"],
                                 state_dict["layer4.0.conv2.weight"].transpose(2, 3, 1, 0))
@@ -354,14 +354,14 @@ def test_laga_net_variables_shared_and_errors():
   model = laga_net.from_config(tiny_config(shared_layer4=True), NUM_CLASSES)
   _, variables = abstract_init(model, TINY_IMAGE)
   state_dict = tiny_state_dict()
-  ported = weights.laga_net_variables(state_dict, variables)
+  ported = laga_net.pretrained_variables(state_dict, variables)
   np.testing.assert_array_equal(ported["params"]["layer4"]["block0"]["conv3"]["kernel"][0, 0],
                                 state_dict["layer4.0.conv3.weight"][:, :, 0, 0].T)
   del state_dict["layer4.0.bn2.bias"]
   with pytest.raises(weights.WeightsError,
                      match=r"r50\.pth: .*missing key\(s\): layer4\.0\.bn2\.bias \(shape \(64,\)\)"):
-    weights.laga_net_variables(state_dict, variables, source="r50.pth")
+    laga_net.pretrained_variables(state_dict, variables, source="r50.pth")
   wide = weights.torchvision_resnet_shapes((1, 1, 1, 1), 16)
   with pytest.raises(weights.WeightsError,
                      match=r"conv1\.weight: file has \(16, 3, 7, 7\), model expects \(8, 3, 7, 7\)"):
-    weights.laga_net_variables({k: np.zeros(s, np.float32) for k, s in wide.items()}, variables)
+    laga_net.pretrained_variables({k: np.zeros(s, np.float32) for k, s in wide.items()}, variables)

@@ -7,6 +7,7 @@ import pytest
 
 from configs import base
 from laga_jax import optim
+from laga_jax.models import laga_net
 
 
 @pytest.fixture(scope="module")
@@ -70,20 +71,66 @@ def _laga_like_params():
   }
 
 
-def test_param_labels_on_laga_like_tree():
-  labels = optim.param_labels(_laga_like_params())
+def test_param_labels_on_laga_like_tree(cfg):
+  labels = optim.param_labels(_laga_like_params(), cfg, laga_net.BACKBONE_PATTERN)
   flat = {jax.tree_util.keystr(p): label for p, label in jax.tree_util.tree_leaves_with_path(labels)}
   assert len(flat) == 12
   for path, label in flat.items():
-    expected = "backbone" if path.startswith(("['backbone']", "['layer4")) else "new"
+    expected = "rule0" if path.startswith(("['backbone']", "['layer4")) else "rule1"
     assert label == expected, path
-  assert labels["sam_rpe_3"]["rel_height"] == "new" and labels["layer4_spatial"]["block_0"]["bn3"]["scale"] \
-      == "backbone"
+  assert labels["sam_rpe_3"]["rel_height"] == "rule1" and labels["layer4_spatial"]["block_0"]["bn3"]["scale"] \
+      == "rule0"
 
 
-def test_param_labels_requires_backbone():
-  with pytest.raises(ValueError, match=r"no backbone parameters among the top-level keys \['cam_4', 'head'\]"):
-    optim.param_labels({"head": {"kernel": np.ones(2)}, "cam_4": {"gamma": np.ones(1)}})
+def test_param_groups_name_unmatched_paths_and_unused_rules(cfg):
+  groups = cfg.copy_and_resolve_references()
+  groups.param_groups = (("backbone", 0.1), ("^head", 1.0))
+  with pytest.raises(ValueError, match=r"leaves 3 parameter\(s\) unmatched: sam_rpe_3/gamma, "
+                                       r"sam_rpe_3/query/conv/kernel, sam_rpe_3/rel_height"):
+    optim.param_labels({k: v for k, v in _laga_like_params().items() if k != "cam_4"}, groups,
+                       laga_net.BACKBONE_PATTERN)
+  groups.param_groups = (("backbone", 0.1), ("^nothing_here/", 2.0), (".*", 1.0))
+  with pytest.raises(ValueError, match=r"rule\(s\) \[\('\^nothing_here/', 2.0\)\] match no parameter"):
+    optim.param_labels(_laga_like_params(), groups, laga_net.BACKBONE_PATTERN)
+
+
+def test_frozen_group_gets_no_update(cfg):
+  groups = cfg.copy_and_resolve_references()
+  groups.param_groups = (("backbone", "frozen"), (".*", 1.0))
+  params = {"backbone": {"w": jnp.ones((2,))}, "head": {"w": jnp.ones((2,))}}
+  tx = optim.make_optimizer(groups, 1, backbone_pattern=laga_net.BACKBONE_PATTERN)
+  grads = jax.tree_util.tree_map(jnp.ones_like, params)
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  np.testing.assert_array_equal(updates["backbone"]["w"], 0.0)
+  assert np.all(np.asarray(updates["head"]["w"]) < 0)
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_other_optimizers_match_their_torch_formulas(cfg, name):
+  """AdamW: p -= lr (adam + wd p); SGD (Nesterov): g += wd p, buf = m buf + g, p -= lr (g + m buf)."""
+  c = cfg.copy_and_resolve_references()
+  c.name, c.param_groups, c.nesterov = name, ((".*", 1.0),), True
+  w = np.array([1.0, -2.0], np.float32)
+  g = np.array([0.5, 0.25], np.float32)
+  tx = optim.make_optimizer(c, 1)
+  state = tx.init({"w": jnp.asarray(w)})
+  updates, state = jax.jit(tx.update)({"w": jnp.asarray(g)}, state, {"w": jnp.asarray(w)})
+  lr = optim.learning_rate(0, c)
+  if name == "adamw":
+    expected = -lr * (g / (np.abs(g) + c.eps) + c.weight_decay * w)
+  else:
+    gd = g + c.weight_decay * w
+    expected = -lr * (gd + c.momentum * gd)
+  np.testing.assert_allclose(updates["w"], expected, rtol=1e-5)
+
+
+def test_warmup_cosine_schedule(cfg):
+  c = cfg.copy_and_resolve_references()
+  c.schedule, c.warmup_epochs, c.min_lr = "warmup_cosine", 2, 1e-6
+  assert optim.learning_rate(0, c, num_epochs=10) == pytest.approx(c.warmup_start_lr)
+  assert optim.learning_rate(2, c, num_epochs=10) == pytest.approx(c.lr)
+  assert optim.learning_rate(6, c, num_epochs=10) == pytest.approx(c.min_lr + (c.lr - c.min_lr) / 2)
+  assert optim.learning_rate(10, c, num_epochs=10) == pytest.approx(c.min_lr)
 
 
 # --- the update ----------------------------------------------------------------------------------------------
@@ -110,7 +157,7 @@ def test_two_steps_equal_numpy_adam_with_coupled_l2(cfg):
   w = rng.standard_normal((3, 4)).astype(np.float32)
   params = {"backbone": {"w": w}, "layer4_global": {"w": w}, "head": {"w": w}}
   grads = [rng.standard_normal((3, 4)).astype(np.float32) for _ in range(2)]
-  tx = optim.make_optimizer(cfg, steps_per_epoch=1)
+  tx = optim.make_optimizer(cfg, steps_per_epoch=1, backbone_pattern=laga_net.BACKBONE_PATTERN)
   state = tx.init(params)
   step = jax.jit(lambda g, s, p: tx.update(g, s, p))
   current, all_updates = params, []  # compare the updates: they are ~1e-5 of the parameters
@@ -134,7 +181,7 @@ def test_two_steps_equal_numpy_adam_with_coupled_l2(cfg):
 
 def test_weight_decay_is_coupled_not_decoupled(cfg):
   """With a zero gradient, coupled L2 still moves every parameter by ~lr (Adam normalises wd*p)."""
-  tx = optim.make_optimizer(cfg, steps_per_epoch=1)
+  tx = optim.make_optimizer(cfg, steps_per_epoch=1, backbone_pattern=laga_net.BACKBONE_PATTERN)
   params = {"backbone": {"bn_scale": jnp.full((2,), 3.0)}, "head": {"bias": jnp.full((2,), -2.0)}}
   updates, _ = jax.jit(tx.update)(jax.tree_util.tree_map(jnp.zeros_like, params), tx.init(params), params)
   lr = optim.learning_rate(0, cfg)

@@ -58,14 +58,68 @@ def test_demo_writes_results(demo_run):
   np.testing.assert_allclose(np.linalg.norm(saved["features"], axis=1), 1.0, rtol=1e-5)
 
 
-def test_eval_mode_reuses_checkpoint(demo_run, tmp_path):
+def test_eval_mode_reuses_checkpoint_on_two_datasets(demo_run, tmp_path):
+  """--mode eval on the training set and on a second site (demo_b): one results.json, a block per target,
+  the training-set numbers unchanged, the untrained model scored on demo_b too, no fingerprint refusal."""
   workdir, _ = demo_run
   first = json.loads((workdir / "results.json").read_text())
   done = _run("--config", "configs/demo.py", "--workdir", str(workdir), "--mode", "eval",
-              f"--config.data.root={workdir.parent / 'data'}", *TINY)
+              f"--config.data.root={workdir.parent / 'data'}", "--config.eval.datasets=demo,demo_b", *TINY)
   assert done.returncode == 0, done.stderr[-3000:]
   again = json.loads((workdir / "results.json").read_text())
-  assert again["rank1"] == pytest.approx(first["rank1"]) and again["mAP"] == pytest.approx(first["mAP"])
+  assert set(again["targets"]) == {"demo", "demo_b"}
+  demo_block, other = again["targets"]["demo"], again["targets"]["demo_b"]
+  assert demo_block["rank1"] == pytest.approx(first["rank1"]) and demo_block["mAP"] == pytest.approx(first["mAP"])
+  assert other["num_query"] > 0 and 0.0 <= other["mAP"] <= 1.0
+  assert set(again["untrained"]["targets"]) == {"demo", "demo_b"}
+  assert (workdir / "features_final_demo_b.npz").exists() and (workdir / "per_query_final_demo_b.npz").exists()
+  assert (workdir / "maps_final_demo_b.png").stat().st_size > 1000
+  per_query = np.load(workdir / "per_query_final.npz")
+  assert len(per_query["ap"]) == first["num_query"]
+  assert np.nanmean(per_query["ap"]) == pytest.approx(first["mAP"], rel=1e-6)
+
+
+def test_maps_mode_and_trained_maps_differ_from_untrained(demo_run):
+  workdir, _ = demo_run
+  done = _run("--config", "configs/demo.py", "--workdir", str(workdir), "--mode", "maps", "--num_images=3",
+              f"--config.data.root={workdir.parent / 'data'}", *TINY)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert (workdir / "maps_query.png").stat().st_size > 1000
+  from laga_jax.evaluation import maps
+  config = demo.get_config()
+  config.data.root = str(workdir.parent / "data")
+  config.update_from_flattened_dict({"data.image_size": (64, 32), "model.width": 8, "model.reduction_dim": 16})
+  _, model, variables, _, _ = trainer.load_trained_model(config, workdir, mode="maps")
+  images = jax.numpy.asarray(np.random.default_rng(0).standard_normal((2, 64, 32, 3)), jax.numpy.float32)
+  trained = maps.compute_maps(model, variables, images)
+  fresh = jax.jit(lambda r: model.init(r, images[:1], train=False))(jax.random.PRNGKey(3))
+  untrained = maps.compute_maps(model, {"params": fresh["params"], "batch_stats": fresh["batch_stats"]}, images)
+  # One map per layer4 copy, two per SAM-RPE module (query position, mean), one per CAM module.
+  assert sorted(k.split(":")[0] for k in trained) == ["act"] * 4 + ["cam"] * 2 + ["sam"] * 4
+  for key, value in trained.items():
+    assert value.shape[0] == 2 and value.ndim == 3, key
+    assert not np.allclose(value, untrained[key], rtol=1e-3), key
+
+
+def test_compare_reuses_a_finished_run(demo_run, tmp_path):
+  """The comparison runner on a finished workdir: no retraining, its numbers, the three files."""
+  import shutil
+  from laga_jax import compare
+  workdir, _ = demo_run
+  shutil.copytree(workdir, tmp_path / "demo")
+  overrides = ["data.root=" + str(workdir.parent / "data"), "data.image_size=(64, 32)",
+               "data.resize_size=(72, 36)", "model.width=8", "model.reduction_dim=16", "eval.batch_size=64"]
+  summary = compare.compare(["configs/demo.py"], str(tmp_path), overrides=overrides)
+  first = json.loads((workdir / "results.json").read_text())
+  row = summary["models"][0]
+  assert row["label"] == "demo" and row["metrics"]["mAP"] == pytest.approx(first["mAP"])
+  assert row["gflops"] > 0 and row["params"] > 0 and row["extract_images_per_second"] > 0
+  for name in ("comparison.md", "comparison.json", "comparison.png"):
+    assert (tmp_path / name).stat().st_size > 100, name
+  pairs = compare.query_by_query({"a": {"paths": ["x", "y", "z"], "first_rank": np.array([0, 3, 0])},
+                                  "b": {"paths": ["x", "y", "z"], "first_rank": np.array([0, 0, 5])}})
+  assert pairs == [{"model": "b", "versus": "a", "only_model": 1, "only_versus": 1, "both": 1, "neither": 0,
+                    "num_queries": 3}]
 
 
 def test_search_mode(demo_run):

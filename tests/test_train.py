@@ -85,9 +85,13 @@ def test_data_parallel_equals_one_device(setup, single_device_result, mode):
     moved += update > 0
     assert np.abs(leaf - ref_params[name]).max() <= 1e-3 * update + 1e-7, name
   assert moved > 50, "the first step moved too few parameters for the comparison to mean anything"
+  # BatchNorm statistics: their error is relative to the size of the step's change of each statistic, not
+  # to each element (a channel whose mean is ~0 carries the rounding of the others), as for the parameters.
   ref_stats = _leaves(ref1.batch_stats)
+  init_stats = _leaves(variables["batch_stats"])
   for name, leaf in _leaves(state1.batch_stats).items():
-    np.testing.assert_allclose(leaf, ref_stats[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    update = np.abs(ref_stats[name] - init_stats[name]).max()
+    assert np.abs(leaf - ref_stats[name]).max() <= 1e-4 * update + 1e-7, name
   # Later steps: the losses follow the same trajectory. (Parameters drift apart slowly because batch-hard
   # mining turns rounding differences into different hardest pairs, so they are not compared bit-wise.)
   for (state, metrics), (ref_state, ref_metrics) in zip(result, single_device_result):
@@ -180,7 +184,7 @@ def test_config_errors_name_the_field(field, value, expected):
 def test_triplet_needs_two_images_per_identity():
   config = base.get_config()
   config.data.k = 1
-  with pytest.raises(config_utils.ConfigError, match="data.k=1.*triplet_beta=0"):
+  with pytest.raises(config_utils.ConfigError, match=r"data.k=1.*triplet.weight=0"):
     config_utils.validate_config(config)
-  config.loss.triplet_beta = 0.0
+  config.loss.triplet.weight = 0.0
   config_utils.validate_config(config)

@@ -206,7 +206,7 @@ def test_round_trip(tmp_path, suffix):
   path = tmp_path / f"w{suffix}"
   weights.save_state_dict(path, state_dict)
   loaded = weights.load_state_dict(path)
-  assert list(loaded) == list(state_dict)
+  assert sorted(loaded) == sorted(state_dict)  # safetensors stores tensors in its own order
   for key, value in state_dict.items():
     assert loaded[key].dtype == value.dtype and loaded[key].shape == value.shape, key
     np.testing.assert_array_equal(loaded[key], value, err_msg=key)
@@ -225,15 +225,15 @@ def test_safetensors_written_by_hand(tmp_path):
   path = tmp_path / "hand.safetensors"
   path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + blob_b + blob_a)
   loaded = weights.load_state_dict(path)
-  assert list(loaded) == ["a", "b"]  # the DataParallel prefix is gone
+  assert sorted(loaded) == ["a", "b"]  # the DataParallel prefix is gone
   np.testing.assert_array_equal(loaded["a"], a)
   assert loaded["b"].dtype == ml_dtypes.bfloat16
   np.testing.assert_array_equal(loaded["b"].astype(np.float32), [1.0, -2.0])
 
 
 @pytest.mark.parametrize("tamper, match", [
-    (lambda raw: raw[:20], r"bad\.safetensors: not a safetensors file"),
-    (lambda raw: raw[:-4], r"bad\.safetensors: tensor 'w' .* data_offsets"),
+    (lambda raw: raw[:20], r"bad\.safetensors: not a readable safetensors file \(.*header"),
+    (lambda raw: raw[:-4], r"bad\.safetensors: not a readable safetensors file \(.*not fully covered"),
 ])
 def test_corrupt_safetensors(tmp_path, tamper, match):
   path = tmp_path / "bad.safetensors"
@@ -346,7 +346,7 @@ def test_resnet50_template_and_cli(tmp_path, capsys):
   weights.main([str(src), str(out)])
   assert "ResNet-50 layout checked" in capsys.readouterr().out
   loaded = weights.load_state_dict(out)
-  assert list(loaded) == list(state_dict)
+  assert sorted(loaded) == sorted(state_dict)
   np.testing.assert_array_equal(loaded["layer4.2.conv3.weight"], state_dict["layer4.2.conv3.weight"])
   del state_dict["layer4.2.bn3.weight"]
   weights.save_state_dict(src, state_dict)

@@ -14,7 +14,8 @@ import os
 import types
 from typing import Any, Mapping
 
-from data_pipelines.datasets import common, cuhk03, custom, demo, dukemtmc, hands11k, hd, market1501, msmt17
+from data_pipelines.datasets import (common, cuhk03, custom, demo, demo_hands, dukemtmc, hands11k, hd, market1501,
+                                      msmt17)
 from data_pipelines.datasets.common import DatasetInfo, Record, Splits
 
 __all__ = ["DATASETS", "DatasetInfo", "Record", "Splits", "get_dataset_info", "load_splits"]
@@ -22,7 +23,7 @@ __all__ = ["DATASETS", "DatasetInfo", "Record", "Splits", "get_dataset_info", "l
 DATASETS: Mapping[str, DatasetInfo] = types.MappingProxyType({
     info.name: info for info in (
         market1501.INFO, dukemtmc.INFO, *cuhk03.INFOS.values(), msmt17.INFO, *hands11k.INFOS.values(),
-        hd.INFO, custom.INFO, demo.INFO)
+        hd.INFO, custom.INFO, demo.INFO, demo.INFO_B, demo_hands.INFO)
 })
 
 # Options every dataset accepts, with their defaults.
@@ -63,6 +64,7 @@ def load_splits(name: str, root: str | os.PathLike, **options: Any) -> Splits:
     _check_option(name, key, value, valid[key])
   verify = options.pop("verify_images", COMMON_OPTIONS["verify_images"])
   splits = info.loader(os.fspath(root) if root is not None else root, **options)
+  common.check_labels(splits, name)
   if verify:
     common.verify_images(splits, name)
   return splits

@@ -95,10 +95,15 @@ def require_images(records: Iterable[Record], dataset: str, source: str) -> None
 
 
 def list_files(folder: pathlib.Path, suffixes: Sequence[str]) -> list[str]:
-  """Names of the files in `folder` that end with one of `suffixes` (case-insensitive), sorted."""
+  """Names of the files in `folder` that end with one of `suffixes` (case-insensitive), sorted.
+
+  A dangling symbolic link is listed too (as the image it was meant to be), so that the image check
+  (`data_pipelines.image_check`) reports it instead of the split silently shrinking.
+  """
   suffixes = tuple(s.lower() for s in suffixes)
   with os.scandir(folder) as entries:
-    return sorted(e.name for e in entries if e.is_file() and e.name.lower().endswith(suffixes))
+    return sorted(e.name for e in entries if e.name.lower().endswith(suffixes)
+                  and (e.is_file() or (e.is_symlink() and not os.path.exists(e.path))))
 
 
 def parse_image_folder(folder: pathlib.Path, pattern: re.Pattern, example: str, dataset: str,
@@ -150,15 +155,54 @@ def seeded_rng(seed: int, *keys: int) -> np.random.Generator:
 
 
 def hold_out_val(train_all: Sequence[Record], seed: int, key: int) -> tuple[list[Record], list[Record]]:
-  """(train, val): labels 0..n-1 over `train_all`, then one image per identity held out for validation."""
-  labelled, _ = relabel(train_all)
-  val, train = pick_one_per_identity(labelled, seeded_rng(seed, VAL_STREAM, key))
+  """(train, val): one image per identity held out for validation, then labels 0..n-1 over what trains.
+
+  An identity with a single image keeps it for training and has no validation image: held out, it would
+  leave the identity without training images, so its label would exceed the classifier's classes. Labels
+  are assigned after the hold-out, over the training identities, and the val images take their identity's
+  training label, so every label of both lists lies in [0, number of training identities).
+  """
+  rng = seeded_rng(seed, VAL_STREAM, key)
+  val, train = [], []
+  for items in group_by_pid(train_all).values():
+    k = int(rng.integers(len(items)))  # drawn for every identity, so the picks do not depend on singletons
+    if len(items) == 1:
+      train.extend(items)
+      continue
+    val.append(items[k])
+    train.extend(items[:k] + items[k + 1:])
+  if len(val) < len({r.pid for r in train}):
+    log.info("%d training identit(ies) with a single image have no validation image",
+             len({r.pid for r in train}) - len(val))
+  train, pid_to_label = relabel(train)
+  val = [dataclasses.replace(r, label=pid_to_label[r.pid]) for r in val]
   return train, val
 
 
 def draw_gallery(test: Sequence[Record], seed: int, draw: int, key: int) -> tuple[list[Record], list[Record]]:
   """(gallery, query) of one Monte-Carlo draw: one image per test identity in the gallery, the rest query."""
   return pick_one_per_identity(test, seeded_rng(seed, DRAW_STREAM, key, draw))
+
+
+def check_labels(splits: Mapping[str, Sequence[Record]], dataset: str) -> None:
+  """Raises ValueError unless train labels are exactly 0..n-1 (n = training identities), one label per
+  identity, and every val label is the label of its identity in train.
+
+  The classifier has n outputs; a label outside [0, n) would index past them and give a silently wrong loss.
+  """
+  train = splits.get("train") or []
+  label_of = {}
+  for r in train:
+    if label_of.setdefault(r.pid, r.label) != r.label:
+      raise ValueError(f"{dataset}: identity {r.pid} has train labels {label_of[r.pid]} and {r.label}")
+  labels = sorted(label_of.values())
+  if labels != list(range(len(labels))):
+    raise ValueError(f"{dataset}: train labels must be 0..{len(labels) - 1} (one per training identity), "
+                     f"got {labels[0]}..{labels[-1]}")
+  for r in splits.get("val") or []:
+    if label_of.get(r.pid) != r.label:
+      raise ValueError(f"{dataset}: val image {r.path} has label {r.label}, but its identity {r.pid} "
+                       f"{'has no training images' if r.pid not in label_of else 'trains as ' + str(label_of[r.pid])}")
 
 
 def counts(records: Sequence[Record]) -> tuple[int, int]:

@@ -8,15 +8,24 @@ LAYOUT = """\
 (written by `python -m data_pipelines.demo --root <root>`, or automatically when root has no demo data)"""
 
 
-def load(root: str) -> common.Splits:
-  """Demo splits; generates the default demo dataset under `root` when none of its folders exist yet."""
-  root = common.absolute_root(root, INFO.name)
+def _load(root: str, info: common.DatasetInfo, **generator_args) -> common.Splits:
+  root = common.absolute_root(root, info.name)
   if not any((root / folder).exists() for folder in market1501.SPLIT_FOLDERS.values()):
     from data_pipelines.demo import generate_demo_dataset  # Deferred: only needed the first time.
 
-    generate_demo_dataset(root)
+    generate_demo_dataset(root, **generator_args)
   # No count check: the generator's parameters decide the counts.
-  return market1501.parse_market_layout(root, INFO, market1501.PATTERN, market1501.EXAMPLE)
+  return market1501.parse_market_layout(root, info, market1501.PATTERN, market1501.EXAMPLE)
+
+
+def load(root: str) -> common.Splits:
+  """Demo splits; generates the default demo dataset under `root` when none of its folders exist yet."""
+  return _load(root, INFO)
+
+
+def load_b(root: str) -> common.Splits:
+  """The second demo site (other identities, cameras, lighting), for cross-dataset evaluation."""
+  return _load(root, INFO_B, domain=1, seed=1)
 
 
 INFO = common.DatasetInfo(
@@ -26,4 +35,14 @@ INFO = common.DatasetInfo(
     layout=LAYOUT,
     folder="demo",
     loader=load,
+)
+
+INFO_B = common.DatasetInfo(
+    name="demo_b",
+    kind="body",
+    description="A second synthetic site (other identities, dim scenes, strong camera casts) for cross-domain "
+                "evaluation of a model trained on `demo`.",
+    layout=LAYOUT.replace("--root <root>", "--root <root> --domain 1 --seed 1"),
+    folder="demo_b",
+    loader=load_b,
 )

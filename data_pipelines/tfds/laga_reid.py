@@ -30,6 +30,9 @@ class ReidConfig(tfds.core.BuilderConfig):
   options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+GENERATED = ("demo", "demo_hands")  # drawn on first use into the download folder, nothing to place by hand
+
+
 def _configs() -> list[ReidConfig]:
   configs = []
   for name, info in datasets.DATASETS.items():
@@ -46,11 +49,11 @@ def _configs() -> list[ReidConfig]:
 def _manual_instructions() -> str:
   folders = {}
   for name, info in datasets.DATASETS.items():
-    if name != "demo":
+    if name not in GENERATED:
       folders.setdefault(info.folder, (info, []))[1].append(name)
   lines = ["Place each dataset's extracted download folder in `manual_dir` under the name given here (or pass",
            "the dataset folder itself as `--manual_dir`). A custom CSV manifest may be `<manual_dir>/custom.csv`.",
-           "The demo config needs nothing: it is generated.", ""]
+           "The demo configs (demo, demo_hands) need nothing: they are generated.", ""]
   for folder, (info, names) in folders.items():
     lines += [f"<manual_dir>/{folder}/   for config(s) {', '.join(names)}:", info.layout, ""]
   return "\n".join(lines)
@@ -79,8 +82,8 @@ class LagaReid(tfds.core.GeneratorBasedBuilder):
 
   def _dataset_root(self, dl_manager: tfds.download.DownloadManager) -> str:
     info = datasets.get_dataset_info(self.builder_config.dataset)
-    if info.name == "demo":
-      return os.fspath(dl_manager.download_dir / "demo")
+    if info.name in GENERATED:
+      return os.fspath(dl_manager.download_dir / info.name)
     manual_dir = dl_manager.manual_dir
     # <manual_dir>/<folder>, a manifest <manual_dir>/<folder>.csv (custom), or the dataset folder itself.
     for candidate in (manual_dir / info.folder, manual_dir / f"{info.folder}.csv"):

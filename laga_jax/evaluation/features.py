@@ -20,10 +20,13 @@ from laga_jax.parallel import DATA_AXIS, make_mesh
 FeatureFn = Callable[[Any, jax.Array], jax.Array]
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def flip_sum_normalise(feature_fn: FeatureFn, variables: Any, images: jax.Array) -> jax.Array:
-  """L2-normalise feature_fn(images) + feature_fn(images flipped along the width), as the author does."""
-  summed = feature_fn(variables, images) + feature_fn(variables, images[:, :, ::-1, :])
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("flip",))
+def flip_sum_normalise(feature_fn: FeatureFn, variables: Any, images: jax.Array, flip: bool = True) -> jax.Array:
+  """L2-normalise feature_fn(images) + feature_fn(images flipped along the width), as the author does
+  (`flip=False`: the image's feature alone, as e.g. BoT's reference evaluates)."""
+  summed = feature_fn(variables, images)
+  if flip:
+    summed = summed + feature_fn(variables, images[:, :, ::-1, :])
   norm = jnp.linalg.norm(summed, axis=-1, keepdims=True)
   return summed / jnp.maximum(norm, 1e-12)
 
@@ -47,8 +50,9 @@ def _default_mesh() -> Optional[Mesh]:
 
 
 def extract_features(feature_fn: FeatureFn, variables: Any, batches: Iterable[Mapping[str, Any]], *,
-                     num_images: Optional[int] = None, mesh: Optional[Mesh] = None) -> np.ndarray:
-  """(N, D) float32 features of every image, row i for index i.
+                     num_images: Optional[int] = None, mesh: Optional[Mesh] = None,
+                     flip: bool = True) -> np.ndarray:
+  """(N, D) float32 features of every image, row i for index i (flip-averaged unless `flip=False`).
 
   `feature_fn(variables, images_nhwc) -> (B, D)` gives the model's un-normalised eval features. `mesh`
   defaults to all local devices (none when there is one); each batch is padded to a multiple of its size.
@@ -66,7 +70,7 @@ def extract_features(feature_fn: FeatureFn, variables: Any, batches: Iterable[Ma
       image = np.concatenate([image, np.zeros((pad,) + image.shape[1:], image.dtype)])
     if mesh is not None:
       image = jax.device_put(image, NamedSharding(mesh, P(DATA_AXIS)))
-    out = np.asarray(flip_sum_normalise(feature_fn, variables, image))[:len(mask)]
+    out = np.asarray(flip_sum_normalise(feature_fn, variables, image, flip=flip))[:len(mask)]
     features.append(out[mask])
     indices.append(index[mask])
   if not features:

@@ -314,11 +314,13 @@ def _features(name: str, values: Array, rows: int) -> jax.Array:
 
 def evaluate_features(qf: Array, gf: Array, q_pids: Array, g_pids: Array, q_camids: Optional[Array] = None,
                       g_camids: Optional[Array] = None, *, max_rank: int = 50, query_chunk: int = 512,
-                      rerank: bool = False, k1: int = 20, k2: int = 6, lambda_value: float = 0.3) -> dict:
+                      rerank: bool = False, k1: int = 20, k2: int = 6, lambda_value: float = 0.3,
+                      per_query: Optional[dict] = None) -> dict:
   """`evaluate_ranking` of the cosine distances (or the k-reciprocal re-ranked ones) of L2-normalised features.
 
   Distances are formed on the device for `query_chunk` queries at a time and ranked there: the full
-  distance matrix never exists on the host.
+  distance matrix never exists on the host. A `per_query` dict is filled with the per-query arrays
+  (first_rank, ap, ap_step, inp, num_matches; -1 / NaN for queries without a match).
   """
   table = same_id_table(q_pids, g_pids, q_camids, g_camids)
   qf, gf = _features("qf", qf, table.num_queries), _features("gf", gf, table.num_gallery)
@@ -331,7 +333,10 @@ def evaluate_features(qf: Array, gf: Array, q_pids: Array, g_pids: Array, q_cami
       return jnp.asarray(reranker.distances(rows))
     return cosine_distance(qf[rows], gf)
 
-  return aggregate(query_metrics_from_chunks(chunk_distances, table, query_chunk), max_rank)
+  scores = query_metrics_from_chunks(chunk_distances, table, query_chunk)
+  if per_query is not None:
+    per_query.update(scores)
+  return aggregate(scores, max_rank)
 
 
 def summarize(metrics: dict) -> dict:
@@ -349,14 +354,15 @@ def evaluate_draws(features: Array, pids: Array, draws: Sequence[Tuple[Array, Ar
 
   `features` (N, D) and `pids` (N,) (and `camids`, for the body protocol) cover every test image; the
   draws index them (the hand sets' 10 seeded query/gallery splits). `kwargs` go to `evaluate_features`.
-  Returns {"mean": ..., "std": ..., "num_draws": n, "draws": [summary per draw]}, JSON-ready.
+  Returns {"mean": ..., "std": ..., "num_draws": n, "draws": [summary per draw]}, JSON-ready, and
+  "per_query": the first draw's per-query arrays (`evaluate_features`), NumPy.
   """
   if len(draws) == 0:
     raise ValueError("draws: expected at least one (query_indices, gallery_indices) pair")
   features = np.asarray(features)
   pids = _labels("pids", pids, len(features))
   camids = None if camids is None else _labels("camids", camids, len(features))
-  results = []
+  results, first_draw = [], {}
   for number, (query, gallery) in enumerate(draws):
     query, gallery = np.asarray(query), np.asarray(gallery)
     for name, idx in (("query", query), ("gallery", gallery)):
@@ -366,8 +372,8 @@ def evaluate_draws(features: Array, pids: Array, draws: Sequence[Tuple[Array, Ar
                          f"[0, {len(features)})")
     cams = (None, None) if camids is None else (camids[query], camids[gallery])
     results.append(summarize(evaluate_features(features[query], features[gallery], pids[query], pids[gallery],
-                                               *cams, **kwargs)))
+                                               *cams, per_query=first_draw if number == 0 else None, **kwargs)))
   keys = [key for key in results[0] if key != "num_valid_queries"]
   return {"mean": {key: float(np.mean([r[key] for r in results])) for key in keys},
           "std": {key: float(np.std([r[key] for r in results])) for key in keys},
-          "num_draws": len(results), "draws": results}
+          "num_draws": len(results), "draws": results, "per_query": first_draw}

@@ -6,24 +6,17 @@ for the union of their images.
 """
 
 import logging
-from typing import Any
+import pathlib
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from laga_jax.evaluation import features as features_lib
 from laga_jax.evaluation import figures, metrics
 
 log = logging.getLogger("laga_jax")
-
-
-def _draw_splits(exp) -> list:
-  """The query/gallery splits to score: the configured split, plus draws 1..n-1 for the hand protocol."""
-  from laga_jax.trainer import _dataset_records
-  config = exp.config
-  if config.eval.num_draws == 1:
-    return [exp.splits]
-  return [_dataset_records(config, draw=draw) for draw in range(config.eval.num_draws)]
 
 
 def _union(splits: list) -> tuple:
@@ -46,28 +39,40 @@ def _union(splits: list) -> tuple:
   return records, draws
 
 
-def evaluate(exp, variables: Any, *, tag: str) -> dict:
-  """Metrics of `variables` on the test protocol (JSON-ready); features and figures go to the workdir."""
+def evaluate(config, splits: Sequence[dict], feature_fn: Callable, variables: Any, *, workdir: str,
+             tag: str, mesh: Optional[Mesh] = None) -> dict:
+  """Metrics of `variables` on the test protocol (JSON-ready); features and figures go to `workdir`.
+
+  `splits` are the query/gallery draws to score (one for body datasets, `config.eval.num_draws` for hands),
+  each a dict with "query" and "gallery" records; `feature_fn(variables, images)` is the model's
+  un-normalised eval feature; `mesh` spreads extraction over its devices.
+  """
   from data_pipelines import input_pipeline
 
-  config = exp.config
-  splits = _draw_splits(exp)
+  workdir = pathlib.Path(workdir)
   records, draws = _union(splits)
-  dp = exp.data_parallel
-  batch_size = max(config.eval.batch_size - config.eval.batch_size % dp.num_devices, dp.num_devices)
+  num_devices = 1 if mesh is None else mesh.devices.size
+  batch_size = max(config.eval.batch_size - config.eval.batch_size % num_devices, num_devices)
   batches = input_pipeline.eval_batches(records, config.data, batch_size)
-  feats = features_lib.extract_features(exp.feature_fn, variables, batches.as_numpy_iterator(),
-                                        num_images=len(records), mesh=dp.mesh if dp.num_devices > 1 else None)
+  feats = features_lib.extract_features(feature_fn, variables, batches.as_numpy_iterator(),
+                                        num_images=len(records), mesh=mesh if num_devices > 1 else None,
+                                        flip=bool(config.eval.get("flip", True)))
   pids = np.asarray([r.pid for r in records], np.int64)
   camids = None if config.data.kind == "hand" else np.asarray([r.camid for r in records], np.int64)
   if config.eval.save_features:
-    features_lib.save_features(str(exp.workdir / f"features_{tag}.npz"), features=feats, pids=pids,
+    features_lib.save_features(str(workdir / f"features_{tag}.npz"), features=feats, pids=pids,
                                camids=np.full(len(pids), -1) if camids is None else camids,
                                paths=np.asarray([r.path for r in records]))
   scored = metrics.evaluate_draws(
       feats, pids, draws, camids, max_rank=config.eval.max_rank, query_chunk=config.eval.query_chunk,
       rerank=config.eval.rerank, k1=config.eval.rerank_k1, k2=config.eval.rerank_k2,
       lambda_value=config.eval.rerank_lambda)
+  per_query = scored.pop("per_query")
+  if per_query and jax.process_index() == 0:
+    # Per-query scores of the first draw, so two models can be compared query by query.
+    query = draws[0][0]
+    np.savez(workdir / f"per_query_{tag}.npz", paths=np.asarray([records[i].path for i in query]),
+             pids=pids[query], **{k: np.asarray(v) for k, v in per_query.items()})
   if scored["num_draws"] == 1:
     results = dict(scored["draws"][0])
   else:
@@ -75,15 +80,14 @@ def evaluate(exp, variables: Any, *, tag: str) -> dict:
   results["protocol"] = "hand" if camids is None else "body"
   results["num_query"], results["num_gallery"] = len(draws[0][0]), len(draws[0][1])
   if config.eval.num_figures > 0 and jax.process_index() == 0:
-    results["figure"] = _save_figure(exp, feats, records, pids, camids, draws[0], tag)
+    results["figure"] = _save_figure(config, workdir, feats, records, pids, camids, draws[0], tag)
   log.info("%s: rank-1 %.2f%%  mAP %.2f%%  mINP %.2f%%", tag, 100 * results["rank1"], 100 * results["mAP"],
            100 * results["mINP"])
   return results
 
 
-def _save_figure(exp, feats, records, pids, camids, draw, tag: str) -> str:
+def _save_figure(config, workdir: pathlib.Path, feats, records, pids, camids, draw, tag: str) -> str:
   """The paper's Fig. 3/4 for `num_figures` seeded random queries of the first draw."""
-  config = exp.config
   query, gallery = draw
   chosen = figures.pick_queries(len(query), config.eval.num_figures, seed=config.train.seed)
   q_cams = None if camids is None else camids[query]
@@ -91,7 +95,7 @@ def _save_figure(exp, feats, records, pids, camids, draw, tag: str) -> str:
   topk = min(config.eval.figure_topk, len(gallery))
   ranked = figures.ranked_gallery(feats[query], feats[gallery], chosen, pids[query], pids[gallery], q_cams,
                                   g_cams, topk=topk)
-  path = exp.workdir / f"ranked_results_{tag}.png"
+  path = workdir / f"ranked_results_{tag}.png"
   height, width = config.data.image_size
   scale = 128 / max(height, width)
   figures.save_ranked_results(str(path), [records[i].path for i in query], [records[i].path for i in gallery],

@@ -11,6 +11,7 @@ as the author's MBA-Net code does. Branches and heads are ordered p0..p{n-1}, gl
 """
 
 import functools
+import re
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -19,11 +20,20 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from laga_jax import weights
 from laga_jax.models.attention import CAM, SAMRPE
 from laga_jax.models.layers import BatchNorm, canonical_dtype
 from laga_jax.models.resnet import ResNet, ResNetStage, global_avg_pool, stage_sizes_for_depth
 
 Dtype = Any
+
+NAME = "laga"
+# Outputs a metric loss may use: the reduction head's stages (`post_dropout` is the paper's embedding, the
+# default triplet feature) and the 2048-d pooled branch vectors.
+FEATURE_TAPS = ("post_dropout", "pre_dropout", "pre_bn", "pooled")
+# `config.model` fields that change the parameters' shapes or meaning (checkpoint fingerprint).
+FINGERPRINT_FIELDS = ("depth", "stage_sizes", "width", "last_stride", "use_local", "num_stripes", "use_cam",
+                      "use_sam_rpe", "shared_layer4", "reduction_dim", "cam_energy", "rpe")
 
 # The author's ClassBlock init: reduction kaiming_normal(fan_out), BN1d weight N(1, 0.02) (`bn_scale_init`),
 # classifier N(0, 1e-3); all biases 0.
@@ -66,18 +76,24 @@ class ReductionHead(nn.Module):
   leaky_slope: float = 0.1
   dtype: Dtype = jnp.float32
   bn_axis_name: Optional[str] = None
+  return_taps: bool = False   # also return {"pre_bn", "pre_dropout"} (metric-loss feature taps)
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> Tuple[jax.Array, jax.Array]:
+  def __call__(self, x: jax.Array, train: bool) -> Tuple[jax.Array, ...]:
     x = nn.Dense(self.reduction_dim, dtype=self.dtype, param_dtype=jnp.float32,
                  kernel_init=reduction_kernel_init, bias_init=nn.initializers.zeros, name="reduction")(x)
+    pre_bn = x
     x = BatchNorm(use_running_average=not train, axis_name=self.bn_axis_name, dtype=self.dtype,
                   scale_init=bn_scale_init, name="bn")(x)
     x = nn.leaky_relu(x, negative_slope=self.leaky_slope)
+    pre_dropout = x
     embedding = nn.Dropout(self.dropout, deterministic=not train)(x)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
                       kernel_init=classifier_kernel_init, bias_init=nn.initializers.zeros,
                       name="classifier")(embedding)
+    if self.return_taps:
+      taps = {"pre_bn": pre_bn.astype(jnp.float32), "pre_dropout": pre_dropout.astype(jnp.float32)}
+      return embedding.astype(jnp.float32), logits.astype(jnp.float32), taps
     return embedding.astype(jnp.float32), logits.astype(jnp.float32)
 
 
@@ -85,7 +101,8 @@ class LAGANet(nn.Module):
   """Local-Aware Global Attention Network; `__call__` returns stacked per-head outputs (see `head_names`).
 
   Returns {"logits": (heads, B, num_classes), "embeddings": (heads, B, reduction_dim),
-  "pooled": (heads, B, 2048)}, all float32. Disabled branches (`use_local`, `use_cam`, `use_sam_rpe`:
+  "pooled": (heads, B, 2048)} and the metric-loss taps "post_dropout" (= "embeddings"), "pre_dropout",
+  "pre_bn" (heads, B, reduction_dim), all float32. Disabled branches (`use_local`, `use_cam`, `use_sam_rpe`:
   Table III's ablation) have no parameters and no head.
   """
 
@@ -150,9 +167,13 @@ class LAGANet(nn.Module):
       pooled["channel"] = global_avg_pool(c)
 
     head = functools.partial(ReductionHead, self.num_classes, self.reduction_dim, self.dropout,
-                             self.leaky_slope, dtype=self.dtype, bn_axis_name=self.bn_axis_name)
-    embeddings, logits = zip(*(head(name=f"head_{n}")(pooled[n], train) for n in self.head_names))
-    return {"logits": jnp.stack(logits), "embeddings": jnp.stack(embeddings),
+                             self.leaky_slope, dtype=self.dtype, bn_axis_name=self.bn_axis_name,
+                             return_taps=True)
+    embeddings, logits, taps = zip(*(head(name=f"head_{n}")(pooled[n], train) for n in self.head_names))
+    embeddings = jnp.stack(embeddings)
+    return {"logits": jnp.stack(logits), "embeddings": embeddings, "post_dropout": embeddings,
+            "pre_dropout": jnp.stack([t["pre_dropout"] for t in taps]),
+            "pre_bn": jnp.stack([t["pre_bn"] for t in taps]),
             "pooled": jnp.stack([pooled[n] for n in self.head_names])}
 
 
@@ -162,12 +183,14 @@ def eval_features(outputs: Dict[str, jax.Array]) -> jax.Array:
   return jnp.transpose(pooled, (1, 0, 2)).reshape(pooled.shape[1], -1)
 
 
-def is_backbone_path(path: Sequence[str]) -> bool:
-  """Whether a parameter path (top-level module first) is the pretrained ResNet (`backbone`, `layer4*`).
+# The ImageNet-pretrained part: the trunk (stem..layer3 under `backbone`) and every layer4 copy. It trains
+# at 0.1x the learning rate of the new layers (attention, heads; paper §IV-B).
+BACKBONE_PATTERN = r"^(backbone|layer4[^/]*)(/|$)"
 
-  Those parameters train at 0.1x the learning rate of the new ones (attention, heads; SPEC "Training").
-  """
-  return path[0] == "backbone" or path[0] == "layer4" or path[0].startswith("layer4_")
+
+def is_backbone_path(path: Sequence[str]) -> bool:
+  """Whether a parameter path (top-level module first) matches `BACKBONE_PATTERN`."""
+  return re.search(BACKBONE_PATTERN, "/".join(path)) is not None
 
 
 def count_params(tree: Any) -> int:
@@ -190,3 +213,74 @@ def from_config(model_cfg: ml_collections.ConfigDict, num_classes: int, *,
                  reduction_dim=model_cfg.reduction_dim, dropout=model_cfg.dropout,
                  leaky_slope=model_cfg.leaky_slope, cam_energy=model_cfg.cam_energy, rpe=model_cfg.rpe,
                  dtype=canonical_dtype(model_cfg.dtype), bn_axis_name=bn_axis_name)
+
+
+build = from_config
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """LAGA-Net's `config.model` (paper §III-C, Table I; docs/fidelity.md for paper-vs-author-code choices)."""
+  c = ml_collections.ConfigDict()
+  c.name = NAME
+  c.depth = 50                 # ResNet depth: 50 -> blocks (3, 4, 6, 3)
+  c.stage_sizes = ()           # overrides depth when non-empty (tests: (1, 1, 1, 1))
+  c.width = 64                 # base width of the ResNet (64 = torchvision)
+  c.last_stride = 1            # layer4 stride: 1 (LAGA-Net) or 2 (torchvision)
+  c.use_local = True           # local branch (Table III "+Local")
+  c.num_stripes = 3            # horizontal stripes of the local branch
+  c.use_cam = True             # CAM in the channel branch (Table III "+CAM")
+  c.use_sam_rpe = True         # SAM-RPE in the spatial branch (Table III "+SAM-RPE")
+  c.shared_layer4 = False      # False: 4 independent layer4 copies (paper); True: one shared (author code)
+  c.reduction_dim = 1024       # head bottleneck width (paper 1024; author code 2048)
+  c.dropout = 0.5
+  c.leaky_slope = 0.1
+  c.cam_energy = "author"      # "author": softmax(-XX^T); "paper": softmax(+XX^T)
+  c.rpe = "diagonal"           # "diagonal" (author code), "axial", "none"
+  c.dtype = "float32"          # compute dtype: "float32" or "bfloat16" (params stay float32)
+  c.pretrained = ""            # torchvision ResNet50 weights: .pth / .safetensors / .npz ("" = random init)
+  c.init_from = ""             # a workdir whose checkpoint initialises every parameter it has
+  return c
+
+
+def validate(model_cfg: ml_collections.ConfigDict) -> None:
+  """Raise `ConfigError` for the first `config.model` field that cannot work."""
+  from laga_jax.config_utils import check_model_common, fail
+  check_model_common(model_cfg)
+  m = model_cfg
+  if not m.stage_sizes:
+    if m.depth not in (50, 101, 152):
+      fail("model.depth", m.depth, "one of 50, 101, 152")
+  elif not all(isinstance(s, int) and s > 0 for s in m.stage_sizes) or len(m.stage_sizes) != 4:
+    fail("model.stage_sizes", m.stage_sizes, "four positive block counts, e.g. (3, 4, 6, 3), or ()")
+  for field in ("width", "num_stripes", "reduction_dim"):
+    value = m[field]
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+      fail(f"model.{field}", value, "a positive integer")
+  if m.last_stride not in (1, 2):
+    fail("model.last_stride", m.last_stride, "one of 1, 2")
+  if not 0.0 <= m.dropout < 1.0:
+    fail("model.dropout", m.dropout, "a probability in [0, 1)")
+  if m.cam_energy not in ("author", "paper"):
+    fail("model.cam_energy", m.cam_energy, "one of 'author', 'paper'")
+  if m.rpe not in ("diagonal", "axial", "none"):
+    fail("model.rpe", m.rpe, "one of 'diagonal', 'axial', 'none'")
+
+
+def _torchvision_key(module_path: Tuple[str, ...], collection: str, leaf: str) -> Optional[str]:
+  """LAGA-Net path -> torchvision key: `backbone/...` is stem..layer3, every `layer4*` copy is layer4."""
+  head, rest = module_path[0], module_path[1:]
+  if head == "backbone":
+    return weights.torch_key(rest, collection, leaf)
+  if head == "layer4" or head.startswith("layer4_"):
+    return weights.torch_key(("layer4",) + rest, collection, leaf)
+  return None
+
+
+def pretrained_variables(state_dict: Any, variables: Any, model_cfg: Optional[ml_collections.ConfigDict] = None,
+                         *, source: Optional[str] = None) -> Dict[str, Any]:
+  """Initialised LAGA-Net variables with the trunk (stem..layer3) and every layer4 copy set from a
+  torchvision ResNet state dict; attention modules and heads keep their initialisation, `fc` is ignored."""
+  del model_cfg  # every LAGA-Net variant maps the same way
+  ported = weights.port_state_dict(state_dict, {c: variables[c] for c in ("params", "batch_stats")},
+                                   _torchvision_key, ignore_prefixes=("fc.",), source=source)
+  return {**variables, **ported}

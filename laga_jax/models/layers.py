@@ -30,6 +30,7 @@ class BatchNorm(nn.Module):
   axis_name: Optional[str] = None
   scale_init: Initializer = nn.initializers.ones
   bias_init: Initializer = nn.initializers.zeros
+  use_bias: bool = True   # False: no shift parameter, a fixed zero bias (BoT's BNNeck, §3.5)
 
   @nn.compact
   def __call__(self, x: jax.Array, use_running_average: Optional[bool] = None) -> jax.Array:
@@ -40,7 +41,8 @@ class BatchNorm(nn.Module):
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
     scale = self.param("scale", self.scale_init, (features,), jnp.float32)
-    bias = self.param("bias", self.bias_init, (features,), jnp.float32)
+    bias = (self.param("bias", self.bias_init, (features,), jnp.float32) if self.use_bias
+            else jnp.zeros((features,), jnp.float32))
 
     if use_running_average:
       mean, var = ra_mean.value, ra_var.value

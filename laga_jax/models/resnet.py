@@ -114,6 +114,7 @@ class ResNet(nn.Module):
   num_stages: int = 4
   dtype: Dtype = jnp.float32
   bn_axis_name: Optional[str] = None
+  stem_relu: bool = True   # False: no ReLU between bn1 and the max-pool (BoT's reference code)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> Dict[str, jax.Array]:
@@ -133,7 +134,7 @@ class ResNet(nn.Module):
     x = BatchNorm(use_running_average=not train, axis_name=self.bn_axis_name, dtype=self.dtype,
                   name="bn1")(x)
     # lax.reduce_window pads with the reduction's identity (-inf for max), as torch's MaxPool2d does.
-    x = nn.max_pool(nn.relu(x), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = nn.max_pool(nn.relu(x) if self.stem_relu else x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     outputs = {"stem": x}
     for i in range(self.num_stages):
       strides = 1 if i == 0 else (self.last_stride if i == 3 else 2)

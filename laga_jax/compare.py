@@ -1,0 +1,310 @@
+"""Train (or reuse) and evaluate several configs on one dataset, and lay them side by side.
+
+  python -m laga_jax.compare --out runs/compare \
+      --configs configs/demo.py,configs/demo.py:bot,configs/demo.py:global [--eval_datasets demo,demo_b]
+
+Each config runs in `<out>/<label>` (label: the part after ":" or the file name). A workdir whose
+results.json covers every requested target is reused as it is; an unfinished one resumes from its last
+checkpoint. Writes `<out>/comparison.{md,json,png}`: parameters, GFLOPs per image (XLA's cost analysis of
+the eval forward pass), train and extraction images/s on this machine, rank-1/5, mAP, mINP, each
+cross-dataset target, and a query-by-query comparison of every model with the first.
+"""
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import pathlib
+import platform
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+log = logging.getLogger("laga_jax")
+
+METRICS = ("rank1", "rank5", "mAP", "mINP")
+
+
+def load_config(spec: str):
+  """A config from "path/to/config.py[:arg]", as `run.py --config` reads it."""
+  path, _, arg = spec.partition(":")
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise FileNotFoundError(f"--configs: {path} is not a config file")
+  module_spec = importlib.util.spec_from_file_location(f"_compare_config_{file.stem}", file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def label_of(spec: str) -> str:
+  path, _, arg = spec.partition(":")
+  return arg or pathlib.Path(path).stem
+
+
+def _finished(workdir: pathlib.Path, targets: Sequence[str]) -> Optional[dict]:
+  """The saved results of a finished run that cover every target, else None."""
+  path = workdir / "results.json"
+  if not path.exists():
+    return None
+  results = json.loads(path.read_text())
+  have = set(results.get("targets", {})) or {results.get("dataset")}
+  return results if set(targets) <= have else None
+
+
+def model_cost(config, num_classes: int) -> Dict[str, float]:
+  """Parameters (the model's, without classifier-independent loss parameters) and GFLOPs of one image's
+  eval forward pass at the config's image size, from XLA's cost analysis of the compiled computation."""
+  import jax
+  import jax.numpy as jnp
+  from laga_jax import models
+  module = models.get_model(config.model.name)
+  model = module.build(config.model, num_classes)
+  image = jnp.zeros((1,) + tuple(config.data.image_size) + (3,), jnp.float32)
+  variables = jax.eval_shape(lambda r: model.init(r, image, train=False), jax.random.PRNGKey(0))
+  params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(variables["params"]))
+  compiled = jax.jit(lambda v, x: module.eval_features(model.apply(v, x, train=False))).lower(
+      variables, image).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return {"params": params, "gflops": float(cost.get("flops", float("nan"))) / 1e9}
+
+
+def extraction_speed(config, num_classes: int, variables: Any, *, repeats: int = 3) -> float:
+  """Flip-averaged feature extraction, images/s, on random eval batches of `config.eval.batch_size`
+  (after one compiling batch; median of `repeats`)."""
+  import jax
+  import jax.numpy as jnp
+  from laga_jax import models
+  from laga_jax.evaluation import features
+  module = models.get_model(config.model.name)
+  model = module.build(config.model, num_classes)
+
+  def feature_fn(v, images):
+    return module.eval_features(model.apply(v, images, train=False))
+
+  batch = jnp.asarray(np.random.default_rng(0).standard_normal(
+      (config.eval.batch_size,) + tuple(config.data.image_size) + (3,)), jnp.float32)
+  features.flip_sum_normalise(feature_fn, variables, batch).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    features.flip_sum_normalise(feature_fn, variables, batch).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return config.eval.batch_size / float(np.median(times))
+
+
+def train_speed(workdir: pathlib.Path) -> Optional[float]:
+  """The run's training images/s: the last value logged in metrics.jsonl (its running average)."""
+  path = workdir / "metrics.jsonl"
+  if not path.exists():
+    return None
+  values = [json.loads(line).get("images_per_second") for line in path.read_text().splitlines() if line.strip()]
+  values = [v for v in values if v]
+  return float(values[-1]) if values else None
+
+
+def query_by_query(per_query: Dict[str, dict]) -> List[dict]:
+  """For each model after the first: queries it gets right at rank 1 that the first misses, and back."""
+  names = list(per_query)
+  if len(names) < 2:
+    return []
+  base_name = names[0]
+  base = per_query[base_name]
+  out = []
+  for name in names[1:]:
+    other = per_query[name]
+    if list(other["paths"]) != list(base["paths"]):
+      continue
+    base_hit, other_hit = base["first_rank"] == 0, other["first_rank"] == 0
+    out.append({"model": name, "versus": base_name, "only_model": int(np.sum(other_hit & ~base_hit)),
+                "only_versus": int(np.sum(base_hit & ~other_hit)), "both": int(np.sum(base_hit & other_hit)),
+                "neither": int(np.sum(~base_hit & ~other_hit)), "num_queries": int(len(base_hit))})
+  return out
+
+
+def _pct(value: Optional[float]) -> str:
+  return "–" if value is None else f"{100 * value:.2f}"
+
+
+def write_markdown(path: pathlib.Path, rows: List[dict], targets: Sequence[str], pairs: List[dict],
+                   machine: str) -> None:
+  cross = list(targets[1:])
+  head = ["model", "config", "params (M)", "GFLOPs/img", "train img/s", "extract img/s", "rank-1", "rank-5",
+          "mAP", "mINP"] + [f"{t} rank-1 / mAP" for t in cross]
+  lines = [f"Comparison on `{targets[0]}` ({machine}). Accuracy in %; GFLOPs from XLA's cost analysis of one "
+           "image's eval forward pass; speeds measured on this machine.", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for row in rows:
+    cells = [row["label"], f"`{row['config']}`", f"{row['params'] / 1e6:.2f}", f"{row['gflops']:.3f}",
+             "–" if row["train_images_per_second"] is None else f"{row['train_images_per_second']:.1f}",
+             f"{row['extract_images_per_second']:.1f}"]
+    cells += [_pct(row["metrics"].get(k)) for k in METRICS]
+    for t in cross:
+      block = row["targets"].get(t, {})
+      cells.append(f"{_pct(block.get('rank1'))} / {_pct(block.get('mAP'))}")
+    lines.append("| " + " | ".join(cells) + " |")
+  if any("untrained" in row for row in rows):
+    lines += ["", "Untrained (same initialisation) rank-1 / mAP: " + ", ".join(
+        f"{row['label']} {_pct(row['untrained'].get('rank1'))} / {_pct(row['untrained'].get('mAP'))}"
+        for row in rows if "untrained" in row)]
+  if pairs:
+    lines += ["", "Query by query (rank-1 hits on the first target):", "",
+              "| model | versus | only model | only versus | both | neither |", "|---|---|---|---|---|---|"]
+    for p in pairs:
+      lines.append(f"| {p['model']} | {p['versus']} | {p['only_model']} | {p['only_versus']} | {p['both']} | "
+                   f"{p['neither']} |")
+  path.write_text("\n".join(lines) + "\n")
+
+
+def write_plot(path: pathlib.Path, rows: List[dict], dataset: str) -> None:
+  """Grouped bars of rank-1 / mAP / mINP per model, and mAP against GFLOPs per image."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, (bars, scatter) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.4, 1]})
+  labels = [row["label"] for row in rows]
+  x = np.arange(len(rows))
+  width = 0.26
+  for i, key in enumerate(("rank1", "mAP", "mINP")):
+    values = [100 * row["metrics"][key] for row in rows]
+    drawn = bars.bar(x + (i - 1) * width, values, width, label={"rank1": "rank-1"}.get(key, key))
+    bars.bar_label(drawn, fmt="%.1f", fontsize=7, padding=1)
+  bars.set_xticks(x, labels)
+  bars.set_ylabel("%")
+  bars.set_ylim(0, 105)
+  bars.set_title(f"Accuracy on {dataset}")
+  bars.legend(loc="upper right", fontsize=8, ncols=3)
+  for row in rows:
+    scatter.scatter(row["gflops"], 100 * row["metrics"]["mAP"], s=40)
+    scatter.annotate(row["label"], (row["gflops"], 100 * row["metrics"]["mAP"]), textcoords="offset points",
+                     xytext=(5, 4), fontsize=9)
+  scatter.set_xlabel("GFLOPs per image (eval forward, XLA cost analysis)")
+  scatter.set_ylabel("mAP (%)")
+  scatter.set_title("Accuracy against cost")
+  scatter.grid(alpha=0.3)
+  low = min(100 * r["metrics"]["mAP"] for r in rows)
+  high = max(100 * r["metrics"]["mAP"] for r in rows)
+  scatter.set_ylim(max(0, low - 10), min(100, high + 10))
+  gmax = max(r["gflops"] for r in rows)
+  scatter.set_xlim(0, gmax * 1.35)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def compare(specs: Sequence[str], out: str, *, eval_datasets: str = "", overrides: Sequence[str] = ()) -> dict:
+  """Run every config spec (see module docstring) and write the comparison files; returns the JSON."""
+  import jax
+  from laga_jax import config_utils, trainer
+  out_dir = pathlib.Path(out).absolute()
+  out_dir.mkdir(parents=True, exist_ok=True)
+  labels = [label_of(s) for s in specs]
+  if len(set(labels)) != len(labels):
+    raise ValueError(f"--configs: two configs share the label {labels}; give each its own :arg or file name")
+  rows, per_query, dataset, targets = [], {}, None, None
+  for spec, label in zip(specs, labels):
+    config = load_config(spec)
+    for item in overrides:
+      key, _, value = item.partition("=")
+      _override(config, key, value)
+    if eval_datasets:
+      config.eval.datasets = eval_datasets
+    config.mode = "train_eval"
+    config_utils.validate_config(config)
+    names = [n for n, _ in trainer.eval_targets(config)]
+    if dataset is None:
+      dataset, targets = config.data.name, names
+    elif config.data.name != dataset:
+      raise ValueError(f"--configs: {spec} trains on {config.data.name!r}, the first config on {dataset!r}; "
+                       "a comparison is on one dataset")
+    workdir = out_dir / label
+    results = _finished(workdir, names)
+    if results is None:
+      log.info("%s: training / evaluating in %s", label, workdir)
+      if (workdir / "results.json").exists() and (workdir / "checkpoints").is_dir():
+        eval_config = config.copy_and_resolve_references()
+        eval_config.mode = "eval"
+        trainer.train_and_evaluate(eval_config, str(workdir))
+      else:
+        trainer.train_and_evaluate(config, str(workdir))
+      results = json.loads((workdir / "results.json").read_text())
+    else:
+      log.info("%s: reusing %s", label, workdir / "results.json")
+    _, _, variables, meta, _ = trainer.load_trained_model(config, workdir, mode="eval")
+    num_classes = int(meta["fingerprint"]["num_classes"])
+    cost = model_cost(config, num_classes)
+    row = {"label": label, "config": spec, "model": config.model.name, **cost,
+           "train_images_per_second": train_speed(workdir),
+           "extract_images_per_second": extraction_speed(config, num_classes, variables),
+           "metrics": {k: results.get(k) for k in METRICS},
+           "targets": {t: {k: b.get(k) for k in METRICS} for t, b in results.get("targets", {}).items()},
+           "workdir": str(workdir)}
+    if "untrained" in results:
+      row["untrained"] = {k: results["untrained"].get(k) for k in METRICS}
+    rows.append(row)
+    pq = workdir / "per_query_final.npz"
+    if pq.exists():
+      per_query[label] = dict(np.load(pq))
+  pairs = query_by_query(per_query)
+  machine = f"{platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].platform}, " \
+            f"load average {os.getloadavg()[0]:.1f}"
+  summary = {"dataset": dataset, "targets": targets, "machine": machine, "models": rows,
+             "query_by_query": pairs}
+  (out_dir / "comparison.json").write_text(json.dumps(summary, indent=2))
+  write_markdown(out_dir / "comparison.md", rows, targets, pairs, machine)
+  write_plot(out_dir / "comparison.png", rows, dataset)
+  print((out_dir / "comparison.md").read_text())
+  return summary
+
+
+def _override(config, key: str, value: str) -> None:
+  """`--set section.field=value`: the value parsed as a Python literal where it is one."""
+  import ast
+  node = config
+  parts = key.split(".")
+  for part in parts[:-1]:
+    if part not in node:
+      raise KeyError(f"--set {key}: no config section {part!r}")
+    node = node[part]
+  if parts[-1] not in node:
+    raise KeyError(f"--set {key}: no config field {parts[-1]!r}")
+  try:
+    parsed = ast.literal_eval(value)
+  except (ValueError, SyntaxError):
+    parsed = value
+  node[parts[-1]] = parsed
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  parser = argparse.ArgumentParser(prog="python -m laga_jax.compare", description=__doc__.splitlines()[0])
+  parser.add_argument("--configs", required=True,
+                      help="comma-separated config specs, e.g. configs/demo.py,configs/demo.py:bot")
+  parser.add_argument("--out", required=True, help="folder for the workdirs and comparison.{md,json,png}")
+  parser.add_argument("--eval_datasets", default="",
+                      help="evaluation targets for every config (config.eval.datasets), e.g. demo,demo_b")
+  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                      help="override a config field in every config, e.g. --set train.num_epochs=5")
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.WARNING)
+  project = logging.getLogger("laga_jax")
+  project.setLevel(logging.INFO)
+  handler = logging.StreamHandler(sys.stderr)
+  handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+  project.addHandler(handler)
+  project.propagate = False
+  try:
+    compare([s for s in args.configs.split(",") if s], args.out, eval_datasets=args.eval_datasets,
+            overrides=args.set)
+  except (FileNotFoundError, ValueError, KeyError) as error:
+    if os.environ.get("LAGA_DEBUG"):
+      raise
+    sys.exit(f"error: {error}\n(set LAGA_DEBUG=1 for the traceback)")
+
+
+if __name__ == "__main__":
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  main()

@@ -1,0 +1,91 @@
+"""The model registry: every registered model follows the contract, learns a fixed batch through the real train
+step, and no module outside `laga_jax/models/` names a specific model."""
+
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import demo
+from laga_jax import config_utils, models, optim
+from laga_jax import train as train_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+IMAGE = (64, 32)
+NUM_CLASSES = 4
+
+
+def test_registry_names_and_contract():
+  assert models.names()[0] == "laga"
+  for name in models.names():
+    module = models.get_model(name)
+    assert module.NAME == name
+    assert module.default_config().name == name
+    assert re.compile(module.BACKBONE_PATTERN)
+    assert set(module.FINGERPRINT_FIELDS) <= set(module.default_config())
+  with pytest.raises(ValueError, match=r"--config.model.name='resnet': expected one of 'laga'"):
+    models.get_model("resnet")
+
+
+def test_no_module_outside_models_names_a_model():
+  """The trainer, evaluation, checkpoints, search and data never import a specific model module."""
+  pattern = re.compile(r"models\.(%s)\b|from laga_jax\.models import (%s)\b" % (
+      "|".join(models.names()) + "|laga_net", "|".join(models.names()) + "|laga_net"))
+  offenders = []
+  for folder in ("laga_jax", "data_pipelines"):
+    for path in (ROOT / folder).rglob("*.py"):
+      if "models" in path.relative_to(ROOT).parts:
+        continue
+      for number, line in enumerate(path.read_text().splitlines(), 1):
+        if pattern.search(line):
+          offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+  assert not offenders, "\n".join(offenders)
+
+
+def _tiny_config(name: str):
+  config = demo.get_config(name)
+  config.data.image_size = IMAGE
+  config.data.resize_size = (72, 36)
+  config.data.p, config.data.k = 4, 2
+  with config.model.ignore_type():
+    for field, value in (("stage_sizes", (1, 1, 1, 1)), ("width", 8)):
+      if field in config.model:
+        config.model[field] = value
+  return config
+
+
+@pytest.mark.parametrize("name", models.names())
+def test_every_model_learns_a_fixed_batch(name):
+  """Six steps of the real train step (the model's own losses and optimiser groups) lower its loss."""
+  config = _tiny_config(name)
+  config_utils.validate_config(config)
+  module = models.get_model(name)
+  model = module.build(config.model, NUM_CLASSES)
+  rng = np.random.default_rng(0)
+  batch = {"image": jnp.asarray(rng.standard_normal((8,) + IMAGE + (3,)), jnp.float32),
+           "label": jnp.asarray(np.repeat(np.arange(NUM_CLASSES), 2), jnp.int32)}
+  variables = jax.jit(lambda r: model.init(r, batch["image"][:1], train=False))(jax.random.PRNGKey(0))
+  variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+  outputs = jax.eval_shape(lambda v: model.apply(v, batch["image"], train=False), variables)
+  assert outputs["logits"].shape[1:] == (8, NUM_CLASSES)
+  assert module.eval_features(outputs).shape[0] == 8
+  if config.loss.center.weight > 0:
+    tap = outputs[config.loss.center.feature].shape
+    variables["params"] = dict(variables["params"], **{optim.LOSS_PARAMS: {
+        "centers": jnp.zeros((tap[0], NUM_CLASSES, tap[2]), jnp.float32)}})
+  optim_cfg = config.optim.copy_and_resolve_references()
+  optim_cfg.warmup_epochs, optim_cfg.decay_epochs = 0, ()
+  optim_cfg.schedule = "warmup_multistep"
+  tx = optim.make_optimizer(optim_cfg, 100, backbone_pattern=module.BACKBONE_PATTERN,
+                            num_epochs=config.train.num_epochs, loss_cfg=config.loss)
+  state = train_lib.create_train_state(model, tx, variables, jax.random.PRNGKey(1))
+  step = jax.jit(train_lib.make_train_step(config.loss, axis_name=None))
+  losses = []
+  for _ in range(6):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert np.all(np.isfinite(losses)), losses
+  assert losses[-1] < 0.9 * losses[0], f"{name}: loss did not fall over 6 steps: {losses}"
