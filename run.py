@@ -19,6 +19,9 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow only feeds data; keep its start-up quiet.
+# TensorFlow prints its oneDNN notice at import, before any log level applies; its oneDNN kernels serve
+# convolutions and matrix products, which the data pipeline never runs.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402

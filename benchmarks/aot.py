@@ -300,9 +300,67 @@ _REQUIRED = re.compile(r"required for HLO temporaries \(([\d.]+)([KMGT])\)")
 _UNITS = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
 
 
-# LLVM's optimisation of the GPU kernels dominates a compile here; it changes neither the HLO optimisations
-# nor XLA's buffer assignment, so the memory report is the same without it (checked on the demo model).
-FAST_GPU_CODEGEN = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+# Without a device, GEMM autotuning still compiles every candidate Triton tiling; it takes about a third of a
+# GPU compile here and changes neither the HLO optimisations nor XLA's buffer assignment (the memory report
+# of the demo model's step is identical without it). `--gpu-codegen fast` skips it: the kernels' tilings are
+# then XLA's defaults and the compile time is not the real one.
+FAST_GPU_CODEGEN = {"xla_gpu_autotune_level": 0}
+
+
+def gpu_compiler_options(fast: bool) -> Dict[str, Any]:
+  """CUDA compiler options: `fast` as above, and the jax < 0.12 workaround below."""
+  options = dict(FAST_GPU_CODEGEN) if fast else {}
+  # jaxlib 0.10 (the jax Python 3.11 resolves): XLA's Triton GEMM tiling aborts the whole process on the
+  # LAGA-Net train step for sm_90 (`triton_tiling_propagation.cc: Check failed: subdim_size_accumulator ==
+  # dim_size`); 0.12 compiles it. Without Triton GEMM fusions the GEMMs go to cuBLAS.
+  if _version_tuple(jax.__version__) < (0, 12):
+    options["xla_gpu_enable_triton_gemm"] = False
+  return options
+
+
+def _version_tuple(version: str) -> Tuple[int, ...]:
+  return tuple(int(x) for x in re.findall(r"\d+", version)[:3])
+
+
+def lower_step(devices: Sequence[Any], step: str, program: Program, image_size: Sequence[int], batch: int,
+               mode: str = "shard_map") -> Any:
+  """The step as the trainer runs it over `devices`, lowered for abstract (shape-only) arguments."""
+  n = len(devices)
+  h, w = image_size
+  if step == "train":
+    dp = parallel.DataParallel(mode, devices)
+    fn = dp.compile(program.train_step)
+    if mode == "pmap":  # pmap maps over a leading device axis; the state is broadcast (in_axes None)
+      state = _abstract(program.state, None)
+      images = jax.ShapeDtypeStruct((n, batch // n, h, w, 3), jnp.float32)
+      labels = jax.ShapeDtypeStruct((n, batch // n), jnp.int32)
+    else:
+      state = _abstract(program.state, NamedSharding(dp.mesh, P()))
+      rows = NamedSharding(dp.mesh, P(parallel.DATA_AXIS))
+      images = jax.ShapeDtypeStruct((batch, h, w, 3), jnp.float32, sharding=rows)
+      labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows)
+    return fn.lower(state, {"image": images, "label": labels})
+  mesh = parallel.make_mesh(devices)
+  variables = _abstract(program.eval_variables, NamedSharding(mesh, P()))
+  images = jax.ShapeDtypeStruct((batch, h, w, 3), jnp.float32, sharding=NamedSharding(mesh, P(parallel.DATA_AXIS)))
+  return features_lib.flip_sum_normalise.lower(program.feature_fn, variables, images)
+
+
+def host_flops(step: str, program: Program, image_size: Sequence[int], per_device_batch: int) -> Optional[float]:
+  """FLOPs of one device's share, from XLA's cost analysis of the same step lowered for one host CPU.
+
+  The CUDA compiler reports no cost analysis for a compile-only target; the FLOPs of the unoptimised HLO of
+  one device's work (the same per-device step, at the per-device batch) stand in for them.
+  """
+  try:
+    lowered = lower_step(jax.devices("cpu")[:1], step, program, image_size, per_device_batch)
+    cost = lowered.cost_analysis()
+  except Exception:  # noqa: BLE001 - a missing count is reported as such
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  flops = (cost or {}).get("flops")
+  return float(flops) if flops and flops > 0 else None
 
 
 def compile_step(target: Target, layout: str, step: str, program: Program, image_size: Sequence[int],
@@ -312,35 +370,18 @@ def compile_step(target: Target, layout: str, step: str, program: Program, image
   topology = target.single if layout == "single" else target.data_parallel
   devices = list(target_devices(target.name, topology))
   n = len(devices)
-  h, w = image_size
   record: Dict[str, Any] = dict(target=target.name, platform=target.platform, layout=layout, topology=topology,
                                 devices=n, step=step, parallel=mode if step == "train" else "jit",
                                 batch=batch, per_device_batch=batch // n,
                                 codegen="fast" if fast_gpu_codegen and target.platform == "cuda" else "full")
+  if target.platform == "cuda":
+    record["compiler_options"] = gpu_compiler_options(fast_gpu_codegen)
   start = time.perf_counter()
   try:
     if batch % n:
       raise ValueError(f"batch {batch} does not split over {n} devices")
-    if step == "train":
-      dp = parallel.DataParallel(mode, devices)
-      fn = dp.compile(program.train_step)
-      if mode == "pmap":  # pmap maps over a leading device axis; the state is broadcast (in_axes None)
-        state = _abstract(program.state, None)
-        images = jax.ShapeDtypeStruct((n, batch // n, h, w, 3), jnp.float32)
-        labels = jax.ShapeDtypeStruct((n, batch // n), jnp.int32)
-      else:
-        state = _abstract(program.state, NamedSharding(dp.mesh, P()))
-        rows = NamedSharding(dp.mesh, P(parallel.DATA_AXIS))
-        images = jax.ShapeDtypeStruct((batch, h, w, 3), jnp.float32, sharding=rows)
-        labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows)
-      lowered = fn.lower(state, {"image": images, "label": labels})
-    else:
-      mesh = parallel.make_mesh(devices)
-      variables = _abstract(program.eval_variables, NamedSharding(mesh, P()))
-      images = jax.ShapeDtypeStruct((batch, h, w, 3), jnp.float32,
-                                    sharding=NamedSharding(mesh, P(parallel.DATA_AXIS)))
-      lowered = features_lib.flip_sum_normalise.lower(program.feature_fn, variables, images)
-    options = FAST_GPU_CODEGEN if fast_gpu_codegen and target.platform == "cuda" else None
+    lowered = lower_step(devices, step, program, image_size, batch, mode)
+    options = gpu_compiler_options(fast_gpu_codegen) if target.platform == "cuda" else None
     compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
   except Exception as error:  # noqa: BLE001 - a failed compile is a result
     message = str(error)
@@ -355,6 +396,9 @@ def compile_step(target: Target, layout: str, step: str, program: Program, image
   record["compile_s"] = round(time.perf_counter() - start, 1)
   record["memory"] = _memory(compiled)
   record["flops"], record["flops_source"] = _flops(compiled, lowered)
+  if record["flops"] is None:
+    record["flops"] = host_flops(step, program, image_size, batch // n)
+    record["flops_source"] = "host-hlo-before-optimisation" if record["flops"] else None
   usable = int(target.memory_bytes * usable_fraction)
   record["fits"] = bool(record["memory"] and record["memory"]["peak"] <= usable)
   if record["flops"]:
@@ -552,7 +596,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
       return n, unit, round_up(p * k, unit)
 
     firsts = {}
-    if "train" in steps:                                   # 1. the train step at the config's batch
+    if "train" in steps and "shard_map" in modes:          # 1. the train step at the config's batch
       for dtype, target, layout in cells:
         n, unit, batch = geometry(target, layout)
         firsts[(dtype, target.name, layout)] = compile_one(dtype, target, layout, "train", batch, "shard_map")
@@ -564,7 +608,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
       for dtype, target, layout in cells:
         if layout == "dp":
           compile_one(dtype, target, layout, "train", geometry(target, layout)[2], "pmap")
-    if "train" in steps and args.bisect_steps > 0:         # 4. the largest batch that fits
+    if "train" in steps and "shard_map" in modes and args.bisect_steps > 0:  # 4. the largest batch that fits
       for dtype, target, layout in cells:
         first = firsts[(dtype, target.name, layout)]
         if first["fits"] is None:
@@ -599,15 +643,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument("--layouts", default="single,dp", help="single (one device) and/or dp (data-parallel)")
   parser.add_argument("--steps", default="train,eval", help="train and/or eval")
   parser.add_argument("--parallel", default="shard_map,pmap",
-                      help="runners compiled for the dp layout (the batch search uses shard_map)")
+                      help="runners compiled for the train step (pmap: dp layout only; the default-batch compiles "
+                           "and the batch search use shard_map, the trainer's default)")
   parser.add_argument("--bisect-steps", type=int, default=4,
                       help="extra train compiles per target/layout/dtype to find the largest batch (0: none)")
   parser.add_argument("--gpu-memory-fraction", type=float, default=0.75,
                       help="share of GPU memory a step may use (JAX preallocates 75%% by default; "
                            "XLA_PYTHON_CLIENT_MEM_FRACTION changes it). TPUs: the compiler's own HBM check")
   parser.add_argument("--gpu-codegen", choices=("full", "fast"), default="full",
-                      help="fast: GPU kernels without LLVM optimisation (same HLO passes and memory report, "
-                           "several times quicker to compile here; the compile time is then not the real one)")
+                      help="fast: no GEMM autotuning (same HLO passes and memory report, about a third "
+                           "quicker to compile here; the compile time is then not the real one)")
   parser.add_argument("--num-classes", type=int, default=0,
                       help="classifier width (default: the dataset's training identities)")
   parser.add_argument("--out", default="", help="write the JSON report here")

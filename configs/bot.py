@@ -91,6 +91,7 @@ def get_config(dataset: str = "market1501") -> ml_collections.ConfigDict:
   config.data.p = 16          # IMS_PER_BATCH 64 / NUM_INSTANCE 4
   config.data.k = 4
   config.train.num_epochs = 120
+  config.eval.flip = False    # the reference ranks the image's feature alone (TEST: no flip)
   if dataset == "demo":
     _demo(config)
   return config

@@ -1,4 +1,4 @@
-"""LAGA-Net on CUHK03-NP (detected boxes) (SPEC defaults; Table III/IV row).
+"""LAGA-Net on CUHK03-NP (detected boxes) (paper defaults, Section IV-B; Table III/IV row).
 
   python run.py --config configs/cuhk03_detected.py --workdir runs/cuhk03_detected --config.data.root=data/cuhk03
 """

@@ -1,4 +1,4 @@
-"""LAGA-Net on CUHK03-NP (labeled boxes) (SPEC defaults; Table III/IV row).
+"""LAGA-Net on CUHK03-NP (labeled boxes) (paper defaults, Section IV-B; Table III/IV row).
 
   python run.py --config configs/cuhk03_labeled.py --workdir runs/cuhk03_labeled --config.data.root=data/cuhk03
 """

@@ -1,4 +1,4 @@
-"""The hand protocol end to end on a generated hand set: no download, a few minutes on a 2-core CPU.
+"""The hand protocol end to end on a generated hand set: no download, about 6 minutes on a 2-core CPU.
 
   python run.py --config configs/demo_hands.py --workdir runs/demo_hands
 

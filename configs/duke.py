@@ -1,4 +1,4 @@
-"""LAGA-Net on DukeMTMC-reID (SPEC defaults; Table III/IV row).
+"""LAGA-Net on DukeMTMC-reID (paper defaults, Section IV-B; Table III/IV row).
 
   python run.py --config configs/duke.py --workdir runs/duke --config.data.root=data/DukeMTMC-reID
 """

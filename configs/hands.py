@@ -1,4 +1,4 @@
-"""Shared settings of the hand datasets (11k, HD): SPEC "Training" (hands) and the hand protocol.
+"""Shared settings of the hand datasets (11k, HD): paper Section IV-B (hands) and the hand protocol.
 
 Not a config on its own: `configs/11k_*.py` and `configs/hd.py` call `get_hand_config(name, root)`.
 """

@@ -1,4 +1,4 @@
-"""LAGA-Net on Market-1501 (SPEC defaults; Table III/IV row).
+"""LAGA-Net on Market-1501 (paper defaults, Section IV-B; Table III/IV row).
 
   python run.py --config configs/market.py --workdir runs/market --config.data.root=data/Market-1501-v15.09.15
 """

@@ -1,4 +1,4 @@
-"""LAGA-Net on MSMT17 (V1) (SPEC defaults; Table III/IV row).
+"""LAGA-Net on MSMT17 (V1) (paper defaults, Section IV-B; Table III/IV row).
 
   python run.py --config configs/msmt17.py --workdir runs/msmt17 --config.data.root=data/MSMT17_V1
 """

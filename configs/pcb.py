@@ -74,6 +74,7 @@ def _pcb_training(config) -> None:
   config.optim.decay_factor = 0.1
   config.optim.param_groups = (("backbone", 0.1), (".*", 1.0))
   config.train.num_epochs = 60
+  config.eval.flip = False                # the authors' test code ranks the image's features alone
 
 
 def _rpp_stage(config, stage: str, dataset: str) -> None:

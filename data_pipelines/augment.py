@@ -1,4 +1,4 @@
-"""Decoding and the train/test image transforms of SPEC "Training", as TensorFlow ops.
+"""Decoding and the train/test image transforms of the paper (Section IV-B), as TensorFlow ops.
 
 Body train: resize (bicubic) to `resize_size` -> random crop `image_size` -> flip -> colour jitter ->
 normalise (ImageNet) -> random erasing. Hands (`jitter_first`): colour jitter on the decoded image first, as

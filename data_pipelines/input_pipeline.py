@@ -24,7 +24,7 @@ _AUGMENT_STREAM = 1
 
 
 def steps_per_epoch(num_train_images: int, p: int, k: int) -> int:
-  """Batches per epoch: floor(train images / (P * K)) (SPEC "Training")."""
+  """Batches per epoch: floor(train images / (P * K)) (docs/fidelity.md, sampler)."""
   steps = num_train_images // (p * k)
   if steps < 1:
     raise ValueError(f"the training set has {num_train_images} images, fewer than one batch of "

@@ -52,9 +52,13 @@ def fail(field: str, value: Any, expected: str) -> None:
 
 
 def check_model_common(model_cfg: ml_collections.ConfigDict) -> None:
-  """Checks of the `config.model` fields every model has (`dtype`, `pretrained`, `init_from`)."""
+  """Checks of the `config.model` fields every model has (`dtype`, `pretrained`, `init_from`) and of those
+  several share (`leaky_slope`)."""
   if model_cfg.get("dtype", "float32") not in ("float32", "bfloat16"):
     _fail("model.dtype", model_cfg.dtype, "one of 'float32', 'bfloat16'")
+  slope = model_cfg.get("leaky_slope", 0.0)
+  if isinstance(slope, bool) or not isinstance(slope, (int, float)) or slope < 0:
+    _fail("model.leaky_slope", slope, "a LeakyReLU slope >= 0 (LAGA-Net: 0.1)")
   pretrained = model_cfg.get("pretrained", "")
   if pretrained and not pathlib.Path(pretrained).expanduser().is_file():
     _fail("model.pretrained", pretrained,
@@ -75,6 +79,9 @@ def _check_loss(config, model) -> None:
   if not 0.0 <= loss.ce.label_smoothing < 1.0:
     _fail("loss.ce.label_smoothing", loss.ce.label_smoothing, "a value in [0, 1)")
   metric_losses = [n for n in ("triplet", "center") if n in loss and loss[n].weight > 0]
+  center_lr = loss.center.get("lr", 0.5) if "center" in loss else 0.5
+  if isinstance(center_lr, bool) or not isinstance(center_lr, (int, float)) or center_lr <= 0:
+    _fail("loss.center.lr", center_lr, "a positive learning rate for the centers")
   for name in metric_losses:
     if loss[name].feature not in model.FEATURE_TAPS:
       _fail(f"loss.{name}.feature", loss[name].feature,
@@ -86,8 +93,6 @@ def _check_loss(config, model) -> None:
       _fail("data.p" if config.data.p < 2 else "data.k", min(config.data.p, config.data.k),
             "at least 2 (batch-hard triplet needs positives and negatives in every batch; "
             "or set --config.loss.triplet.weight=0)")
-  if "center" in metric_losses and loss.center.lr <= 0:
-    _fail("loss.center.lr", loss.center.lr, "a positive learning rate for the centers")
   if not any(loss[n].weight > 0 for n in losses.LOSS_NAMES if n in loss):
     _fail("loss.ce.weight", loss.ce.weight, "a positive weight for at least one loss")
 
@@ -111,13 +116,20 @@ def _check_optim(config) -> None:
             f"(optim.warmup_epochs={o.warmup_epochs})")
     if not 0.0 < o.decay_factor <= 1.0:
       _fail("optim.decay_factor", o.decay_factor, "a factor in (0, 1]")
-  if o.name == "sgd" and not 0.0 <= o.momentum < 1.0:
-    _fail("optim.momentum", o.momentum, "a momentum in [0, 1)")
+  momentum = o.get("momentum", 0.9)  # checked for every optimiser: a later switch to sgd must not meet it
+  if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+    _fail("optim.momentum", momentum, "a momentum in [0, 1)")
+  min_lr = o.get("min_lr", 0.0)  # configs saved before the cosine schedule have none
+  if isinstance(min_lr, bool) or not isinstance(min_lr, (int, float)) or not 0.0 <= min_lr <= o.lr:
+    _fail("optim.min_lr", min_lr, f"a learning rate in [0, optim.lr={o.lr}]")
   if o.name in ("adam", "adamw"):
     for field in ("b1", "b2"):
       if not 0.0 <= o[field] < 1.0:
         _fail(f"optim.{field}", o[field], "a decay rate in [0, 1)")
     _positive(config, "optim.eps")
+  if not isinstance(o.param_groups, (tuple, list)) or not o.param_groups:
+    _fail("optim.param_groups", o.param_groups, "at least one (regex, LR multiplier or 'frozen') rule, e.g. "
+          "(('backbone', 0.1), ('.*', 1.0))")
   try:
     optim._rules(o, "backbone")
   except ValueError as error:

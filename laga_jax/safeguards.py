@@ -127,10 +127,12 @@ class FiniteGuard:
     if float(np.asarray(jax.device_get(finite)).mean()) >= 1.0:
       return
     loss = float(np.asarray(jax.device_get(metrics["loss"])).mean())
-    last = self._last_checkpoint() or "none (a rerun starts from scratch)"
-    raise NonFiniteLossError(
-        f"non-finite loss ({loss}) at step {step} (epoch {epoch}); stopped without saving; last good checkpoint: "
-        f"{last}. Lower --config.optim.lr (or check the data), then rerun: it resumes from that checkpoint")
+    last = self._last_checkpoint()
+    where = (f"last good checkpoint: {last}. Lower --config.optim.lr (or check the data), then rerun: it resumes "
+             "from that checkpoint") if last else ("no checkpoint yet. Lower --config.optim.lr (or check the "
+                                                   "data), then rerun: it starts from scratch")
+    raise NonFiniteLossError(f"non-finite loss ({loss}) at step {step} (epoch {epoch}); stopped without saving; "
+                             f"{where}")
 
 
 _ACTIVE: list = []  # the GracefulInterrupt contexts entered (innermost last)

@@ -1,8 +1,10 @@
 """Ahead-of-time compilation for accelerators this machine lacks (benchmarks/aot.py): a tiny LAGA-Net step.
 
-Compiles the trainer's train step for one GPU target (H100) and one TPU topology (v5e), on one device and
-data-parallel over eight, plus the eval feature step; checks that each compiles and that the memory XLA
-reports grows with the batch. Needs the `aot` extras (libtpu and the CUDA PJRT plugin matching jax, see
+Compiles the trainer's train step (jit + shard_map, as the trainer runs it) for one GPU target (H100) and
+one TPU topology (v5e), on one device and data-parallel over eight, plus the eval feature step; checks that
+each compiles and fits, and that the memory XLA reports grows with the per-device batch. About seven small
+compiles, 2-3 minutes on two cores; the full-size matrix (pmap too, every target) is `python -m
+benchmarks.aot`. Needs the `aot` extras (libtpu and the CUDA PJRT plugin matching jax, see
 README "Accelerators"); skipped with a message without them.
 """
 
@@ -32,33 +34,36 @@ def program():
 
 
 def compile_train(program, target, layout, batch, mode="shard_map"):
-  record = aot.compile_step(aot.TARGETS[target], layout, "train", program, IMAGE, batch, mode)
+  # GPU kernels without GEMM autotuning: the same HLO passes and buffer assignment, a third quicker here.
+  record = aot.compile_step(aot.TARGETS[target], layout, "train", program, IMAGE, batch, mode,
+                            fast_gpu_codegen=True)
   assert record.get("error") is None, record
   assert record["fits"] and record["memory"]["argument"] > 0 and record["memory"]["temp"] > 0, record
+  assert record["flops"] and record["roofline_images_per_s_bound"] > 0, record
   return record
 
 
 @needs("cuda")
 def test_gpu_train_step_compiles_single_and_data_parallel(program):
-  small, large = (compile_train(program, "h100", "single", b) for b in (4, 8))
-  assert large["memory"]["temp"] > small["memory"]["temp"]
-  assert large["memory"]["peak"] > small["memory"]["peak"]
+  single = compile_train(program, "h100", "single", 8)
   # The donated state comes back in place: outputs alias the state's buffers.
-  assert small["memory"]["alias"] > 0
+  assert single["memory"]["alias"] > 0.9 * single["memory"]["output"]
   dp = compile_train(program, "h100", "dp", 16)
   assert (dp["devices"], dp["per_device_batch"], dp["topology"]) == (8, 2, "1x1x8")
-  assert dp["flops"] and dp["flops"] > 0
+  # A quarter of the single device's images per device: fewer temporaries, and about a quarter of the FLOPs
+  # (the replicated optimiser update and the gradient all-reduce add a little).
+  assert dp["memory"]["temp"] < single["memory"]["temp"]
+  assert 0.2 < dp["flops"] / single["flops"] < 0.5
 
 
 @needs("tpu")
 def test_tpu_train_and_eval_steps_compile_single_and_data_parallel(program):
   small, large = (compile_train(program, "v5e", "single", b) for b in (4, 8))
+  assert large["memory"]["temp"] > small["memory"]["temp"]
   assert large["memory"]["peak"] > small["memory"]["peak"]
   assert small["flops_source"] == "compiled" and large["flops"] > small["flops"]
-  assert small["roofline_images_per_s_bound"] > 0
-  for mode in ("shard_map", "pmap"):
-    dp = compile_train(program, "v5e", "dp", 16, mode)
-    assert (dp["devices"], dp["per_device_batch"], dp["topology"]) == (8, 2, "v5e:2x4")
+  dp = compile_train(program, "v5e", "dp", 16)
+  assert (dp["devices"], dp["per_device_batch"], dp["topology"]) == (8, 2, "v5e:2x4")
   evaluated = aot.compile_step(aot.TARGETS["v5e"], "dp", "eval", program, IMAGE, 16)
   assert evaluated.get("error") is None and evaluated["fits"], evaluated
 

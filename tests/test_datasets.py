@@ -562,7 +562,7 @@ def test_demo_generates_on_first_use(tmp_path):
 
 def test_registry_metadata_and_name_errors():
   assert list(datasets.DATASETS) == ["market1501", "dukemtmc", "cuhk03_labeled", "cuhk03_detected", "msmt17",
-                                     *ASPECTS, "hd", "custom", "demo", "demo_hands"]
+                                     *ASPECTS, "hd", "custom", "demo", "demo_b", "demo_hands"]
   for name, info in datasets.DATASETS.items():
     assert info.name == name and info.kind == ("hand" if name.startswith("11k") or name in ("hd", "demo_hands")
                                                else "body")

@@ -68,8 +68,12 @@ def _config(root, **train):
 
 @pytest.fixture
 def fake_steps(monkeypatch):
-  """Replace the compiled train step by one that only counts; `losses[i]` is the loss of step i + 1."""
+  """Replace the compiled train step by one that only counts, and the model's variables by a few small arrays
+  (no model compilation); `losses[i]` is the loss of step i + 1."""
   calls = {"losses": [], "on_step": None}
+  variables = {"params": {"backbone": {"kernel": jnp.ones((3, 2))}, "head": {"kernel": jnp.ones((2, 4))}},
+               "batch_stats": {"backbone": {"mean": jnp.zeros(2)}}}
+  monkeypatch.setattr(trainer, "initial_variables", lambda exp, rng: variables)
 
   def step_fn(state, batch):
     step = int(state.step) + 1

@@ -1,6 +1,6 @@
 """Profile: forward pass of ResNet-50 (last stride 1) at batch 20 x 384x128 in JAX vs PyTorch (needs torch)."""
-import os, time, sys
-sys.path.insert(0, "/work/main")
+import os, pathlib, time, sys
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # the checkout
 import jax, jax.numpy as jnp, numpy as np, torch, torchvision
 from benchmarks.train_step import BackboneAsHead
 torch.set_num_threads(os.cpu_count())

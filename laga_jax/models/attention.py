@@ -1,6 +1,6 @@
 """The attention modules of LAGA-Net: CAM (paper eq. 1-2) and SAM-RPE (eq. 3-7). NHWC throughout.
 
-Both follow the author's MBA-Net code where it differs from the paper (SPEC.md, "Fidelity rule"):
+Both follow the author's MBA-Net code where it differs from the paper (docs/fidelity.md):
 CAM's softmax is of the *negated* energy, SAM-RPE normalises over keys, and the relative term uses the
 diagonal offset col(a) - row(a) of each position. Other readings are options (`CAM.energy`, `SAMRPE.rpe`).
 
@@ -161,7 +161,7 @@ class SAMRPE(nn.Module):
   """Spatial attention with relative positional encodings, eq. (3)-(7).
 
   out = gamma * (V A^T + BN(E_H) + BN(E_W)) + x with A = softmax over keys of Q^T K; Q, K (d_k = C/8) and
-  V (C) are `PointwiseEmbedding`s. `rpe` selects E_H, E_W: "diagonal" (author/SPEC: position a uses
+  V (C) are `PointwiseEmbedding`s. `rpe` selects E_H, E_W: "diagonal" (author's code: position a uses
   R[col(a) - row(a) + L - 1], see `diagonal_relative_term`), "axial" (`axial_relative_terms`) or "none"
   (no relative terms, parameters or BNs). R_H, R_W have 2L - 1 rows, L = max(H, W).
   """
