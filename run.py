@@ -84,11 +84,19 @@ def main(argv):
     if config.mode == "maps":
       print(f"maps: {trainer.maps_workdir(config, FLAGS.workdir, split=FLAGS.split, num_images=FLAGS.num_images)}")
       return
-    with workdir_lock.WorkdirLock(FLAGS.workdir, command=" ".join(sys.argv)):  # one run per workdir
+    # A multi-process job starts here, before JAX touches a device (train.distributed, docs/distributed.md).
+    import jax  # already loaded by the trainer
+    if trainer.parallel.initialize_distributed(config.train):
+      project_log.info("process %d of %d: %d local / %d global devices", jax.process_index(), jax.process_count(),
+                       jax.local_device_count(), jax.device_count())
+      if jax.process_index() > 0:  # one voice per job: the others report only warnings and errors
+        project_log.setLevel(logging.WARNING)
+    with workdir_lock.WorkdirLock(FLAGS.workdir, command=" ".join(sys.argv),
+                                  process_id=jax.process_index()):  # one run per workdir
       results = trainer.train_and_evaluate(config, FLAGS.workdir)
   except (Exception, KeyboardInterrupt) as error:  # noqa: BLE001 - every failure ends in one line
     cli_errors.report(error)  # LAGA_DEBUG=1 re-raises (traceback)
-  if "rank1" in results:
+  if "rank1" in results and jax.process_index() == 0:
     line = f"rank-1 {100 * results['rank1']:.2f}%  mAP {100 * results['mAP']:.2f}%"
     if "untrained" in results:
       u = results["untrained"]

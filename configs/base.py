@@ -82,7 +82,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every_epochs = 1
   c.train.keep_checkpoints = 2       # latest N kept (plus the best, for hand sets)
   c.train.select_best = False        # hands: evaluate the checkpoint with the best val accuracy
-  c.train.distributed = False        # call jax.distributed.initialize() (multi-host)
+  # Several processes as one job (docs/distributed.md): jax.distributed.initialize() with these, where an
+  # empty / -1 field is auto-detected (SLURM, Cloud TPU, Open MPI, Kubernetes).
+  c.train.distributed = False
+  c.train.coordinator_address = ""   # "host:port" of process 0's coordinator, e.g. "127.0.0.1:12355"
+  c.train.num_processes = -1
+  c.train.process_id = -1
+  c.train.initialization_timeout = 300  # seconds to wait for every process to join
   c.train.max_steps = -1             # stop early after this many steps (smoke runs); -1 = no limit
 
   # --- evaluation (laga_jax/evaluation/) ---

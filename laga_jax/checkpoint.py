@@ -166,6 +166,22 @@ def describe_mismatch(saved: dict, current: dict) -> str:
   return "\n".join(lines)
 
 
+def _handlers() -> dict:
+  return {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+
+
+def _local_target(manager, step: int) -> Any:
+  """The saved state's shapes and dtypes, placed on this process's first device.
+
+  Without a target orbax would restore each array with the sharding it was saved with, which names the
+  devices of the job that wrote it: a checkpoint of a multi-process (or multi-device) run could then not be
+  read by a single process (evaluation, export, search).
+  """
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  metadata = manager.item_metadata(step)["state"]
+  return jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata)
+
+
 class Checkpointer:
   """Save / restore a train-state pytree with its metadata under `workdir`."""
 
@@ -175,11 +191,9 @@ class Checkpointer:
     # create=False: the folders appear with the first save, so that searching or evaluating a workdir
     # without checkpoints leaves no empty checkpoints/ and best/ behind.
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=False)
-    self._latest = ocp.CheckpointManager(self.root / "checkpoints", options=options,
-                                         item_names=("state", "meta"))
+    self._latest = ocp.CheckpointManager(self.root / "checkpoints", options=options, item_handlers=_handlers())
     best_options = ocp.CheckpointManagerOptions(max_to_keep=1, create=False)
-    self._best = ocp.CheckpointManager(self.root / "best", options=best_options,
-                                       item_names=("state", "meta"))
+    self._best = ocp.CheckpointManager(self.root / "best", options=best_options, item_handlers=_handlers())
     self._damaged: dict = {}   # step folder -> why it cannot be restored (found by a restore)
     self._restored: dict = {}  # manager directory -> the step a restore or read_meta used
 
@@ -239,16 +253,20 @@ class Checkpointer:
     them instead of intact checkpoints nor refuses a new save of the same step."""
     moved = False
     for folder in [f for f in self._damaged if f.parent == manager.directory and f.exists()]:
-      target = folder.with_name(folder.name + ".damaged")
-      n = 1
-      while target.exists():
-        n += 1
-        target = folder.with_name(f"{folder.name}.damaged{n}")
-      folder.rename(target)
-      log.warning("renamed damaged checkpoint %s to %s (kept, not deleted)", folder, target.name)
+      if jax.process_index() == 0:  # in a multi-process job every process found it; one renames it
+        target = folder.with_name(folder.name + ".damaged")
+        n = 1
+        while target.exists():
+          n += 1
+          target = folder.with_name(f"{folder.name}.damaged{n}")
+        folder.rename(target)
+        log.warning("renamed damaged checkpoint %s to %s (kept, not deleted)", folder, target.name)
       del self._damaged[folder]
       moved = True
     if moved:
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("laga_jax: damaged checkpoints set aside")
       manager.reload()
 
   def save(self, step: int, tree: Any, meta: dict, *, best: bool = False) -> None:
@@ -335,7 +353,8 @@ class Checkpointer:
     def load(s: int):
       meta = self._read_meta(manager, s)
       self._check_fingerprint(manager, s, meta, compare)
-      return manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"], meta
+      state = ocp.args.StandardRestore(_local_target(manager, s))
+      return manager.restore(s, args=ocp.args.Composite(state=state))["state"], meta
 
     found, result = self._newest_intact(manager, step, load)
     if found is None:
@@ -347,8 +366,8 @@ class Checkpointer:
     """The saved train-state tree of `step` as stored (no target, no fingerprint check): to initialise
     another model from it (`config.model.init_from`)."""
     manager = self._manager(best)
-    _, tree = self._newest_intact(
-        manager, step, lambda s: manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"])
+    _, tree = self._newest_intact(manager, step, lambda s: manager.restore(
+        s, args=ocp.args.Composite(state=ocp.args.StandardRestore(_local_target(manager, s))))["state"])
     return tree
 
   def close(self) -> None:

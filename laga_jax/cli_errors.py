@@ -124,6 +124,8 @@ def describe(error: BaseException) -> tuple:
   """(one-line message, exit code) for an exception that ended the run."""
   from laga_jax import safeguards  # Light: no JAX at import.
 
+  if isinstance(error, safeguards.TrainingPreempted):
+    return str(error), safeguards.EXIT_PREEMPTED
   if isinstance(error, safeguards.TrainingInterrupted):
     return str(error), EXIT_INTERRUPTED
   if isinstance(error, KeyboardInterrupt):

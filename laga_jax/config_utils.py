@@ -178,6 +178,7 @@ def _check_train_eval_fields(config) -> None:
   """The train and eval fields beyond epochs, steps, devices, logging and the eval sizes."""
   _integer(config, "train.seed", 0, maximum=2 ** 31 - 1)
   _integer(config, "train.checkpoint_every_epochs", 1)
+  _check_distributed(config)
   _integer(config, "eval.rerank_k1", 1)
   _integer(config, "eval.rerank_k2", 1)
   _in_range(config, "eval.rerank_lambda", 0.0, 1.0)
@@ -190,6 +191,22 @@ def _check_train_eval_fields(config) -> None:
     if any(n not in datasets.DATASETS for n in names) or len(set(names)) != len(names):
       _fail("eval.datasets", spec, "registered dataset names, comma separated, each once, each optionally "
             f"name=root; names: {', '.join(datasets.DATASETS)}")
+
+
+def _check_distributed(config) -> None:
+  """The `jax.distributed.initialize` fields (read only with `train.distributed`, checked always so that a
+  typo is caught before the job is launched on many hosts)."""
+  t = config.train
+  address = str(t.get("coordinator_address", ""))
+  host, _, port = address.rpartition(":")
+  if address and not (host and port.isdigit() and 0 < int(port) < 65536):
+    _fail("train.coordinator_address", address, "'host:port' of process 0 (e.g. '127.0.0.1:12355'), or '' "
+          "to auto-detect it")
+  for field, minimum in (("num_processes", 1), ("process_id", 0), ("initialization_timeout", 1)):
+    if field in t:  # configs saved before these fields existed have none
+      _integer(config, f"train.{field}", minimum, allow=() if field == "initialization_timeout" else (-1,))
+  if t.get("num_processes", -1) > 0 and t.get("process_id", -1) >= t.num_processes:
+    _fail("train.process_id", t.process_id, f"an id in [0, train.num_processes={t.num_processes})")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:

@@ -39,9 +39,11 @@ class Progress:
 
   def __init__(self, total: int, *, desc: str = "", unit: str = "it", initial: int = 0, warmup: int = 1,
                stream: Optional[TextIO] = None, interval: float = PLAIN_INTERVAL_SECONDS,
-               interactive: Optional[bool] = None):
+               interactive: Optional[bool] = None, enabled: bool = True):
     self.total, self.count, self.desc, self.unit = int(total), int(initial), desc, unit
     self.stream = sys.stderr if stream is None else stream
+    if not enabled:  # e.g. the processes other than 0 of a multi-process job: one bar per job, not N
+      self.stream, interactive, interval = open(os.devnull, "w"), False, float("inf")
     self.warmup, self.interval = warmup, interval
     self._start = time.perf_counter()
     self._rate_start: Optional[float] = None
@@ -104,10 +106,10 @@ class ProgressBar(Progress):
 
   def __init__(self, total: int, *, images_per_step: int, initial: int = 0, warmup: int = 1,
                stream: Optional[TextIO] = None, interval: float = PLAIN_INTERVAL_SECONDS,
-               interactive: Optional[bool] = None):
+               interactive: Optional[bool] = None, enabled: bool = True):
     self.images_per_step = images_per_step
     super().__init__(total, desc="train", unit="step", initial=initial, warmup=warmup, stream=stream,
-                     interval=interval, interactive=interactive)
+                     interval=interval, interactive=interactive, enabled=enabled)
 
   def steps_per_second(self) -> float:
     return self.rate()

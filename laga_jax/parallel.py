@@ -18,16 +18,47 @@ DATA_AXIS = "data"
 PARALLEL_MODES = ("shard_map", "pmap")
 
 
+def initialize_distributed(train_cfg) -> bool:
+  """Join the multi-process job of `config.train` (`distributed`, `coordinator_address`, `num_processes`,
+  `process_id`; empty or -1 = auto-detected by `jax.distributed.initialize`: SLURM, Cloud TPU, Open MPI,
+  Kubernetes). Idempotent; must run before JAX first touches a device. True when the job is multi-process.
+
+  On CPU the processes talk through JAX's gloo collectives, one device each (the loopback recipe of
+  docs/distributed.md); on GPU/TPU through NCCL / the TPU interconnect.
+  """
+  if not train_cfg.get("distributed", False):
+    return False
+  if not jax.distributed.is_initialized():
+    kwargs = {}
+    if train_cfg.get("coordinator_address", ""):
+      kwargs["coordinator_address"] = train_cfg.coordinator_address
+    if train_cfg.get("num_processes", -1) > 0:
+      kwargs["num_processes"] = train_cfg.num_processes
+    if train_cfg.get("process_id", -1) >= 0:
+      kwargs["process_id"] = train_cfg.process_id
+    jax.distributed.initialize(**kwargs, initialization_timeout=train_cfg.get("initialization_timeout", 300))
+  return jax.process_count() > 1
+
+
+def is_main_process() -> bool:
+  """Process 0 writes what the job shares (results.json, figures, TensorBoard, the config)."""
+  return jax.process_index() == 0
+
+
 def local_devices(num_devices: int = -1) -> list:
-  """The first `num_devices` local devices (-1: all), with a clear error when too many are asked for."""
-  if num_devices == -1:
-    # Multi-host (jax.distributed): the mesh spans every process's devices; each feeds its own rows.
-    return jax.devices() if jax.process_count() > 1 else jax.local_devices()
+  """The devices of the run: the first `num_devices` of this process (-1: all of them), and in a
+  multi-process job the same number from every process (the mesh spans the job), process 0's first."""
   devices = jax.local_devices()
-  if not 1 <= num_devices <= len(devices):
+  if num_devices != -1 and not 1 <= num_devices <= len(devices):
     raise ValueError(f"config.train.num_devices={num_devices}: this process has {len(devices)} "
                      f"device(s) ({devices[0].platform}); use -1 for all of them")
-  return devices[:num_devices]
+  count = len(devices) if num_devices == -1 else num_devices
+  if jax.process_count() == 1:
+    return devices[:count]
+  by_process: dict = {}
+  for device in jax.devices():
+    by_process.setdefault(device.process_index, []).append(device)
+  return [d for p in sorted(by_process) for d in by_process[p][:count]]
 
 
 def make_mesh(devices: Sequence[Any]) -> Mesh:
@@ -59,9 +90,34 @@ class DataParallel:
     mapped = jax.shard_map(fn, mesh=self.mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P())
     return jax.jit(mapped, donate_argnums=donate)
 
+  def _pmap_across_processes(self) -> bool:
+    return self.mode == "pmap" and jax.process_count() > 1
+
   def replicate(self, tree: Any) -> Any:
-    """Place `tree` on every device (the state's home between steps)."""
+    """Place `tree` on every device: the state's home between steps.
+
+    Across processes, pmap returns its replicated outputs as each process's own copy (on its local
+    devices); the state is placed the same way from the start, so that the step compiles once.
+    """
+    if self._pmap_across_processes():
+      local = [d for d in self.devices if d.process_index == jax.process_index()]
+      # A job-wide replicated array (a restored checkpoint) holds the whole value on every device: take this
+      # process's copy rather than transfer across hosts.
+      tree = jax.tree_util.tree_map(
+          lambda x: x.addressable_data(0) if isinstance(x, jax.Array) and not x.is_fully_addressable else x, tree)
+      return jax.device_put(tree, NamedSharding(make_mesh(local), P()))
+    return self.replicate_global(tree)
+
+  def replicate_global(self, tree: Any) -> Any:
+    """`tree` as arrays replicated over the whole mesh (what orbax saves and restores collectively)."""
     return jax.device_put(tree, NamedSharding(self.mesh, P()))
+
+  def to_global(self, tree: Any) -> Any:
+    """The state between steps (`replicate`) as arrays over the whole mesh, for a checkpoint; no copy."""
+    if self._pmap_across_processes():
+      from jax.experimental import multihost_utils
+      return multihost_utils.host_local_array_to_global_array(tree, self.mesh, P())
+    return tree
 
   def shard_batch(self, batch: dict) -> dict:
     """This process's rows of the batch -> device arrays split over the data axis."""

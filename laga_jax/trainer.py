@@ -55,10 +55,21 @@ def _dataset_records(config: ml_collections.ConfigDict, **option_overrides) -> d
   from data_pipelines import datasets
   from data_pipelines import image_check
   options = dict(config.data.options.to_dict(), **option_overrides)
-  splits = datasets.load_splits(config.data.name, config.data.root, **options)
-  # Every image decoded once up front (cached): a bad file stops the run here, not after the training.
-  return image_check.check_splits(splits, dataset=config.data.name, root=config.data.root,
-                                  policy=config.data.get("bad_images", "stop"))
+
+  def load():
+    splits = datasets.load_splits(config.data.name, config.data.root, **options)
+    # Every image decoded once up front (cached): a bad file stops the run here, not after the training.
+    return image_check.check_splits(splits, dataset=config.data.name, root=config.data.root,
+                                    policy=config.data.get("bad_images", "stop"))
+
+  if jax.process_count() == 1:
+    return load()
+  # Process 0 first: it generates a demo set that is missing and fills the image-check cache, which the
+  # other processes then read instead of writing the same files at the same time.
+  from jax.experimental import multihost_utils
+  splits = load() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices(f"laga_jax: {config.data.name} parsed by process 0")
+  return splits if splits is not None else load()
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
@@ -66,8 +77,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   from data_pipelines import input_pipeline
 
   config_utils.validate_config(config)
-  if config.train.distributed:
-    jax.distributed.initialize()
+  parallel.initialize_distributed(config.train)
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   splits = _dataset_records(config)
@@ -220,21 +230,26 @@ def train(exp: Experiment, state: train_lib.TrainState, checkpointer: checkpoint
   meta = checkpointer.read_meta() or {}
   best_accuracy = meta.get("best_val_accuracy")
   images_per_step = config.data.p * config.data.k
-  bar = ProgressBar(exp.total_steps, images_per_step=images_per_step, initial=step)
+  bar = ProgressBar(exp.total_steps, images_per_step=images_per_step, initial=step,
+                    enabled=parallel.is_main_process())
   pending = []
   guard = safeguards.FiniteGuard(lambda: safeguards.last_checkpoint(checkpointer))
 
-  def stop_here():  # Ctrl-C (safeguards.GracefulInterrupt): save this step's state and stop, resumable exactly
+  def stop_here(reason: str):  # Ctrl-C or SIGTERM: save this step's state and stop, resumable exactly
     guard.flush()
     if checkpointer.latest_step() != step:
-      checkpointer.save(step, state.checkpoint_tree(), {"epoch": step // exp.steps_per_epoch,
-                                                        "best_val_accuracy": best_accuracy})
-    raise safeguards.TrainingInterrupted(f"interrupted by Ctrl-C: saved {safeguards.last_checkpoint(checkpointer)} "
-                                         f"of {exp.total_steps}; run the same command to resume")
+      checkpointer.save(step, dp.to_global(state.checkpoint_tree()),
+                        {"epoch": step // exp.steps_per_epoch, "best_val_accuracy": best_accuracy})
+    saved = f"saved {safeguards.last_checkpoint(checkpointer)} of {exp.total_steps}; run the same command to resume"
+    if reason == "preempt":
+      processes = f" on all {jax.process_count()} processes" if jax.process_count() > 1 else ""
+      raise safeguards.TrainingPreempted(f"preempted (SIGTERM){processes}: {saved}")
+    raise safeguards.TrainingInterrupted(f"interrupted by Ctrl-C: {saved}")
   # Decoded once per run, not per epoch; only worth it for large originals (11k hands are 1600×1200).
   decoded = (input_pipeline.DecodedImages.from_paths([r.path for r in exp.splits["train"]],
                                                      config.data.num_parallel_calls)
              if config.data.cache_decoded else None)
+  stop = None
   while step < exp.total_steps:
     epoch, offset = divmod(step, exp.steps_per_epoch)
     num_steps = min(exp.steps_per_epoch - offset, exp.total_steps - step)
@@ -262,8 +277,9 @@ def train(exp: Experiment, state: train_lib.TrainState, checkpointer: checkpoint
         writer.write(step, scalars, epoch=epoch)
         bar.update(0, {k: scalars[k] for k in ("loss", "accuracy") if k in scalars})
       bar.update(1)
-      if safeguards.stop_requested() and step % exp.steps_per_epoch:
-        stop_here()
+      stop = safeguards.stop_reason(step)  # the same answer on every process of a job
+      if stop and step % exp.steps_per_epoch:
+        stop_here(stop)
     guard.flush()
     epoch_done = step % exp.steps_per_epoch == 0
     accuracy = validation_accuracy(exp, state, val_fn) if epoch_done else None
@@ -276,12 +292,12 @@ def train(exp: Experiment, state: train_lib.TrainState, checkpointer: checkpoint
         best_accuracy = accuracy
     last = step == exp.total_steps
     if last or (epoch_done and (epoch + 1) % config.train.checkpoint_every_epochs == 0) or is_best:
-      checkpointer.save(step, state.checkpoint_tree(),
+      checkpointer.save(step, dp.to_global(state.checkpoint_tree()),
                         {"epoch": epoch + int(epoch_done), "val_accuracy": accuracy,
                          "best_val_accuracy": best_accuracy, "epoch_seconds": time.perf_counter() - epoch_start},
                         best=is_best)
-    if safeguards.stop_requested() and step < exp.total_steps:
-      stop_here()
+    if stop and step < exp.total_steps:
+      stop_here(stop)
   return state
 
 
@@ -351,8 +367,10 @@ def evaluate_targets(config: ml_collections.ConfigDict, workdir: pathlib.Path, f
     blocks[name]["dataset"] = name
     if maps_model is not None and target.eval.num_figures > 0 and jax.process_index() == 0:
       from laga_jax.evaluation import maps
+      # Process 0 alone draws: with host copies, not the arrays the job's devices share.
+      local = jax.device_get(variables) if jax.process_count() > 1 else variables
       blocks[name]["maps_figure"] = maps.grid_for_records(
-          maps_model, variables, splits[0]["query"], target.data, str(workdir / f"maps_{tag}{suffix}.png"),
+          maps_model, local, splits[0]["query"], target.data, str(workdir / f"maps_{tag}{suffix}.png"),
           num_images=min(6, target.eval.num_figures + 2), seed=target.train.seed)
   if not str(config.eval.datasets or "").strip():
     return blocks[config.data.name]
@@ -428,6 +446,7 @@ def evaluate_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict:
   another dataset or other evaluation options are no mismatch.
   """
   workdir = pathlib.Path(workdir).absolute()
+  parallel.initialize_distributed(config.train)
   module, eval_model, variables, meta, best = load_trained_model(config, workdir, mode="eval")
   num_classes = int(meta["fingerprint"]["num_classes"])
   devices = parallel.local_devices(config.train.num_devices)
@@ -484,12 +503,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state = create_state(exp)
   checkpointer = checkpoint_lib.Checkpointer(
       str(exp.workdir), checkpoint_lib.fingerprint(config, exp.num_classes), keep=config.train.keep_checkpoints)
+  if jax.process_count() > 1:  # restored straight into the job's replicated layout, which orbax reads collectively
+    state = exp.data_parallel.replicate_global(state)
   restored, meta = checkpointer.restore(state.checkpoint_tree())
   if restored is not None:
     state = state.replace_from_checkpoint(restored)
     log.info("resumed from %s at step %d (epoch %s)", exp.workdir / "checkpoints", int(state.step),
              meta.get("epoch"))
-  (exp.workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  if parallel.is_main_process():
+    (exp.workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   writer = MetricWriter(str(exp.workdir), enabled=jax.process_index() == 0)
   results: dict = {"dataset": config.data.name, "config": json.loads(config.to_json_best_effort())}
   try:
@@ -498,11 +520,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if (config.eval.evaluate_untrained and config.mode == "train_eval" and int(state.step) == 0
           and not untrained_file.exists()):
         untrained = evaluate(exp, state.variables(), tag="untrained")
-        untrained_file.write_text(json.dumps(untrained, indent=2))
-      with safeguards.GracefulInterrupt():  # Ctrl-C: finish the step, save, exit; twice: exit at once
+        if parallel.is_main_process():
+          untrained_file.write_text(json.dumps(untrained, indent=2))
+      # Ctrl-C or SIGTERM: finish the step, save, exit; a second Ctrl-C: exit at once.
+      with safeguards.interrupt_for_job():
         state = train(exp, state, checkpointer, writer)
     if config.mode in ("eval", "train_eval"):
-      variables = state.variables()
+      variables = exp.data_parallel.to_global(state.variables())
       evaluated = {"checkpoint": "last", "step": int(jax.device_get(state.step))}
       if config.train.select_best and checkpointer.best_step() is not None:
         best_tree, best_meta = checkpointer.restore(state.checkpoint_tree(), best=True)

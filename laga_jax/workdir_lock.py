@@ -46,9 +46,11 @@ def _read_owner(fd: int) -> Optional[dict]:
 class WorkdirLock:
   """`with WorkdirLock(workdir): ...` holds `workdir` for this process (created if missing)."""
 
-  def __init__(self, workdir: str, *, command: str = ""):
+  def __init__(self, workdir: str, *, command: str = "", process_id: int = 0):
+    """`process_id`: in a multi-process job each process holds its own lock (`.lock`, `.lock.1`, ...), so
+    that the job's processes share the workdir and a second job, or a second process 1, is refused."""
     self.workdir = pathlib.Path(workdir).absolute()
-    self.path = self.workdir / LOCK_NAME
+    self.path = self.workdir / (LOCK_NAME if process_id == 0 else f"{LOCK_NAME}.{process_id}")
     self.command = command
     self._fd: Optional[int] = None
 

@@ -56,21 +56,34 @@ def extract_features(feature_fn: FeatureFn, variables: Any, batches: Iterable[Ma
 
   `feature_fn(variables, images_nhwc) -> (B, D)` gives the model's un-normalised eval features. `mesh`
   defaults to all local devices (none when there is one); each batch is padded to a multiple of its size.
+  A mesh spanning several processes takes this process's share of every batch and returns every feature.
   Raises if an index is missing, repeated, or (with `num_images`) out of range.
   """
   mesh = _default_mesh() if mesh is None else mesh
   num_devices = 1 if mesh is None else mesh.devices.size
+  # A mesh over several processes: each batch holds this process's rows (eval_batches' `process_index`),
+  # each process extracts its own share, and every process gets all the features back.
+  processes = jax.process_count() if mesh is not None else 1
   if mesh is not None:
     variables = jax.device_put(variables, NamedSharding(mesh, P()))
   features, indices = [], []
   for number, batch in enumerate(batches):
     image, mask, index = _check_batch(number, batch)
-    pad = -len(image) % num_devices
+    pad = -len(image) % (num_devices // processes)
     if pad:
       image = np.concatenate([image, np.zeros((pad,) + image.shape[1:], image.dtype)])
-    if mesh is not None:
-      image = jax.device_put(image, NamedSharding(mesh, P(DATA_AXIS)))
-    out = np.asarray(flip_sum_normalise(feature_fn, variables, image, flip=flip))[:len(mask)]
+      mask, index = np.concatenate([mask, np.zeros(pad, bool)]), np.concatenate([index, np.full(pad, -1)])
+    if processes > 1:
+      from jax.experimental import multihost_utils
+      image = jax.make_array_from_process_local_data(NamedSharding(mesh, P(DATA_AXIS)), image)
+      out = multihost_utils.process_allgather(flip_sum_normalise(feature_fn, variables, image, flip=flip),
+                                              tiled=True)
+      mask, index = (np.asarray(multihost_utils.process_allgather(a, tiled=True)) for a in (mask, index))
+    else:
+      if mesh is not None:
+        image = jax.device_put(image, NamedSharding(mesh, P(DATA_AXIS)))
+      out = flip_sum_normalise(feature_fn, variables, image, flip=flip)
+    out = np.asarray(out)
     features.append(out[mask])
     indices.append(index[mask])
   if not features:

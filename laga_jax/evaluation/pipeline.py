@@ -5,6 +5,7 @@ hand datasets (11k, HD) are scored over `config.eval.num_draws` seeded draws, wi
 for the union of their images.
 """
 
+import json
 import logging
 import pathlib
 from typing import Any, Callable, Optional, Sequence
@@ -53,10 +54,32 @@ def evaluate(config, splits: Sequence[dict], feature_fn: Callable, variables: An
   records, draws = _union(splits)
   num_devices = 1 if mesh is None else mesh.devices.size
   batch_size = max(config.eval.batch_size - config.eval.batch_size % num_devices, num_devices)
-  batches = input_pipeline.eval_batches(records, config.data, batch_size)
+  # Several processes: each reads and extracts its slice of every batch; the features come back whole.
+  processes = jax.process_count() if num_devices > 1 else 1
+  batches = input_pipeline.eval_batches(records, config.data, batch_size // processes,
+                                        process_index=jax.process_index() if processes > 1 else 0,
+                                        process_count=processes)
   feats = features_lib.extract_features(feature_fn, variables, batches.as_numpy_iterator(),
                                         num_images=len(records), mesh=mesh if num_devices > 1 else None,
                                         flip=bool(config.eval.get("flip", True)))
+  # The metrics once, on process 0 (which alone writes files); the other processes receive its results.
+  results = _score(config, workdir, tag, feats, records, draws) if jax.process_index() == 0 else None
+  return _from_process_0(results)
+
+
+def _from_process_0(value: Any) -> Any:
+  """`value` (JSON-able) of process 0, on every process of a multi-process job."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils
+  payload = np.frombuffer(json.dumps(value).encode(), np.uint8) if jax.process_index() == 0 else None
+  size = int(multihost_utils.broadcast_one_to_all(np.int64(0 if payload is None else payload.size)))
+  buffer = payload if payload is not None else np.zeros(size, np.uint8)
+  return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(buffer)).tobytes())
+
+
+def _score(config, workdir: pathlib.Path, tag: str, feats: np.ndarray, records: list, draws: list) -> dict:
+  """Metrics over the draws, and the features, per-query scores and figures written to `workdir`."""
   pids = np.asarray([r.pid for r in records], np.int64)
   camids = None if config.data.kind == "hand" else np.asarray([r.camid for r in records], np.int64)
   if config.eval.save_features:
@@ -68,7 +91,7 @@ def evaluate(config, splits: Sequence[dict], feature_fn: Callable, variables: An
       rerank=config.eval.rerank, k1=config.eval.rerank_k1, k2=config.eval.rerank_k2,
       lambda_value=config.eval.rerank_lambda)
   per_query = scored.pop("per_query")
-  if per_query and jax.process_index() == 0:
+  if per_query:
     # Per-query scores of the first draw, so two models can be compared query by query.
     query = draws[0][0]
     np.savez(workdir / f"per_query_{tag}.npz", paths=np.asarray([records[i].path for i in query]),
@@ -79,7 +102,7 @@ def evaluate(config, splits: Sequence[dict], feature_fn: Callable, variables: An
     results = dict(scored["mean"], std=scored["std"], draws=scored["draws"])
   results["protocol"] = "hand" if camids is None else "body"
   results["num_query"], results["num_gallery"] = len(draws[0][0]), len(draws[0][1])
-  if config.eval.num_figures > 0 and jax.process_index() == 0:
+  if config.eval.num_figures > 0:
     results["figure"] = _save_figure(config, workdir, feats, records, pids, camids, draws[0], tag)
   log.info("%s: rank-1 %.2f%%  mAP %.2f%%  mINP %.2f%%", tag, 100 * results["rank1"], 100 * results["mAP"],
            100 * results["mINP"])
