@@ -20,6 +20,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.name = "market1501"         # see data_pipelines.datasets.DATASETS
   c.data.root = ""                   # dataset folder (original download layout)
+  # Where the encoded images are read: "files" under data.root, or "tfds", the TFRecords that
+  # `python -m data_pipelines.tfds --config <name>` prepared under data.tfds_dir (equal batches either way).
+  c.data.source = "files"
+  c.data.tfds_dir = ""               # TFDS data_dir of source "tfds" ("" = ~/tensorflow_datasets), any tf.io path
   c.data.options = ml_collections.ConfigDict()  # parser options, e.g. {"draw": 0} for hand sets
   c.data.kind = "body"               # "body" or "hand" (selects augmentation and evaluation protocol)
   c.data.image_size = (384, 128)     # (height, width) fed to the network

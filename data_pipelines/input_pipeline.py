@@ -6,17 +6,24 @@ s of an epoch slices the same plan, so it sees exactly the batches an uninterrup
 processes, each takes its contiguous slice of every global batch.
 
 Records are any objects with `.path` and `.label` (train labels are 0..C-1), e.g. `data_pipelines.datasets`.
+
+Images come from the records' files (`config.data.source = "files"`) or, with "tfds", from the TFRecords the
+TFDS builder `data_pipelines/tfds` prepared under `config.data.tfds_dir`: each record's stored bytes are the
+file's own, found by its path relative to `config.data.root`, and go through the same decoding and
+augmentation, so both sources give equal batches.
 """
 
 import dataclasses
+import functools
 import math
+import os
 from typing import Optional, Sequence
 
 import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from data_pipelines import augment
+from data_pipelines import SOURCES, augment
 
 # Spawn keys separate the random streams drawn from one (seed, epoch): identity plan and augmentation.
 _PLAN_STREAM = 0
@@ -88,6 +95,51 @@ def augmentation_seeds(seed: int, epoch: int, positions: np.ndarray) -> np.ndarr
 
 
 @dataclasses.dataclass(frozen=True)
+class EncodedImages:
+  """Every record's encoded image bytes (JPEG/PNG/...), read once from a prepared TFDS config
+  (`config.data.source = "tfds"`): the bytes `tf.io.read_file` returns for the record's file, since the
+  builder stores the source files unchanged, so decoding them gives the same pixels.
+  """
+  contents: tf.Variable   # (N,) string, row i = record i; a variable so tf.data captures it by reference
+
+  @classmethod
+  def from_tfds(cls, records: Sequence, data_cfg: ml_collections.ConfigDict) -> "EncodedImages":
+    """The bytes of `records` (parsed from `data_cfg.root`) from `data_cfg.tfds_dir`; cached per record list,
+    so a trainer calling `train_batches` once per epoch reads the TFRecords once."""
+    root = os.fspath(data_cfg.root or ".")
+    base = os.path.dirname(root) if os.path.isfile(root) else root  # a manifest's paths are relative to it
+    keys = tuple(os.path.relpath(r.path, base) for r in records)
+    identities = (tuple((int(r.pid), int(r.camid)) for r in records)
+                  if all(hasattr(r, "pid") and hasattr(r, "camid") for r in records) else None)
+    options = data_cfg.get("options")
+    return _encoded_from_tfds(str(data_cfg.get("tfds_dir", "")), str(data_cfg.name),
+                              options.to_json() if options is not None else "{}", keys, identities)
+
+  def read(self, index: tf.Tensor) -> tf.Tensor:
+    """The encoded bytes of record `index` (a scalar string tensor)."""
+    return tf.gather(self.contents, index)
+
+
+@functools.lru_cache(maxsize=8)
+def _encoded_from_tfds(data_dir: str, dataset: str, options_json: str, keys: tuple,
+                       identities: Optional[tuple]) -> EncodedImages:
+  import json
+
+  from data_pipelines.tfds import laga_reid  # Deferred: TFDS is only imported for this source.
+  config = laga_reid.config_name(dataset, json.loads(options_json))
+  contents = laga_reid.encoded_images(data_dir, config, keys, identities)
+  return EncodedImages(tf.Variable(tf.constant(list(contents), tf.string), trainable=False))
+
+
+def _encoded_images(records: Sequence, data_cfg: ml_collections.ConfigDict) -> Optional[EncodedImages]:
+  """The records' bytes when `config.data.source` is "tfds", else None (read from the files)."""
+  source = data_cfg.get("source", "files")
+  if source not in SOURCES:
+    raise ValueError(f"config.data.source must be one of {', '.join(SOURCES)}, got {source!r}")
+  return EncodedImages.from_tfds(records, data_cfg) if source == "tfds" and len(records) else None
+
+
+@dataclasses.dataclass(frozen=True)
 class DecodedImages:
   """Every image of a record list decoded once, kept in memory as one flat uint8 buffer (`cache_decoded`).
 
@@ -99,10 +151,13 @@ class DecodedImages:
   shapes: tf.Tensor       # (N, 2) int64 height, width
 
   @classmethod
-  def from_paths(cls, paths: Sequence[str], num_parallel_calls: int = tf.data.AUTOTUNE) -> "DecodedImages":
-    """Decode `paths` in parallel; fails naming the first unreadable file."""
-    dataset = tf.data.Dataset.from_tensor_slices({"path": np.asarray(paths, str), "seq": np.arange(len(paths))})
-    images = [e["image"] for e in _read_images(dataset, paths, num_parallel_calls).as_numpy_iterator()]
+  def from_paths(cls, paths: Sequence[str], num_parallel_calls: int = tf.data.AUTOTUNE, *,
+                 encoded: Optional[EncodedImages] = None) -> "DecodedImages":
+    """Decode `paths` in parallel (their bytes from `encoded` when given, row i for path i); fails naming
+    the first image that does not decode."""
+    dataset = tf.data.Dataset.from_tensor_slices({"path": np.asarray(paths, str), "index": np.arange(len(paths)),
+                                                  "seq": np.arange(len(paths))})
+    images = [e["image"] for e in _read_images(dataset, paths, num_parallel_calls, encoded).as_numpy_iterator()]
     sizes = np.array([im.size for im in images], np.int64)
     flat = np.concatenate([im.ravel() for im in images]) if images else np.zeros(0, np.uint8)
     return cls(tf.Variable(flat, trainable=False), tf.constant(np.cumsum(sizes) - sizes),
@@ -115,18 +170,20 @@ class DecodedImages:
     return tf.reshape(flat, tf.concat([self.shapes[index], [3]], 0))
 
 
-def _read_images(dataset: tf.data.Dataset, paths: Sequence[str], num_parallel_calls: int) -> tf.data.Dataset:
+def _read_images(dataset: tf.data.Dataset, paths: Sequence[str], num_parallel_calls: int,
+                 encoded: Optional[EncodedImages] = None) -> tf.data.Dataset:
   """Replace each element's "path" by its decoded uint8 "image"; an unreadable file fails naming its path.
 
   Elements must carry their sequence number "seq" (0..len(paths)-1, in order); an element whose "path" is ""
-  (padding) gets a 1x1 black image. TensorFlow's decode errors do not name the file, so failed elements are
+  (padding) gets a 1x1 black image. With `encoded`, the bytes are its row "index" (the element's record)
+  instead of the file's. TensorFlow's decode errors do not name the file, so failed elements are
   dropped (`ignore_errors`) and a running counter spots the gap and fails with the missing element's path;
   an end sentinel catches a failure in the last element.
   """
   def read(element):
     path = element["path"]
-    image = tf.cond(path == "", lambda: tf.zeros([1, 1, 3], tf.uint8),
-                    lambda: augment.decode(tf.io.read_file(path)))
+    contents = (lambda: encoded.read(element["index"])) if encoded is not None else (lambda: tf.io.read_file(path))
+    image = tf.cond(path == "", lambda: tf.zeros([1, 1, 3], tf.uint8), lambda: augment.decode(contents()))
     return dict({k: v for k, v in element.items() if k != "path"}, image=image)
 
   dataset = dataset.map(read, num_parallel_calls, deterministic=True)
@@ -179,6 +236,7 @@ def train_batches(records: Sequence, data_cfg: ml_collections.ConfigDict, *, see
 
   B = P * K / process_count: this process's slice of every global batch. With `config.data.cache_decoded`,
   images come from `decoded` (built here when not given; build it once per run to save the decoding).
+  `config.data.source` says where the encoded images are read: the files, or the prepared TFRecords.
   """
   settings = augment.AugmentSettings.from_config(data_cfg)
   p, k = int(data_cfg.p), int(data_cfg.k)
@@ -195,14 +253,15 @@ def train_batches(records: Sequence, data_cfg: ml_collections.ConfigDict, *, see
   index, positions = plan[:, mine].ravel(), positions[:, mine].ravel()
   paths = np.asarray([r.path for r in records], str)[index]
   parallel = _parallel_calls(data_cfg)
+  encoded = _encoded_images(records, data_cfg) if decoded is None else None
   if data_cfg.cache_decoded and decoded is None:
-    decoded = DecodedImages.from_paths([r.path for r in records], parallel)
+    decoded = DecodedImages.from_paths([r.path for r in records], parallel, encoded=encoded)
 
   columns = {"index": index, "label": labels[index].astype(np.int32), "seq": np.arange(len(index)),
              "seed": augmentation_seeds(seed, epoch, positions)}
   if decoded is None:
     dataset = tf.data.Dataset.from_tensor_slices(dict(columns, path=paths))
-    dataset = _read_images(dataset, paths, parallel)
+    dataset = _read_images(dataset, paths, parallel, encoded)
   else:
     dataset = tf.data.Dataset.from_tensor_slices(columns)
     dataset = dataset.map(lambda e: dict(e, image=decoded.image(e["index"])), parallel, deterministic=True)
@@ -218,7 +277,7 @@ def eval_batches(records: Sequence, data_cfg: ml_collections.ConfigDict, batch_s
 
   Padding slots have mask False, index -1 and a zero image. Every record appears exactly once over all
   processes; process i takes slice i of each global batch of batch_size * process_count, and all
-  processes get the same number of batches.
+  processes get the same number of batches. Images are read from `config.data.source`, as in training.
   """
   settings = augment.AugmentSettings.from_config(data_cfg)
   if batch_size < 1:
@@ -238,7 +297,8 @@ def eval_batches(records: Sequence, data_cfg: ml_collections.ConfigDict, batch_s
     return {"image": image, "mask": valid, "index": element["index"]}
 
   parallel = _parallel_calls(data_cfg)
+  encoded = _encoded_images(records, data_cfg)
   dataset = tf.data.Dataset.from_tensor_slices({"path": paths, "index": index, "seq": np.arange(len(index))})
-  dataset = _read_images(dataset, paths, parallel).map(transform, parallel, deterministic=True)
+  dataset = _read_images(dataset, paths, parallel, encoded).map(transform, parallel, deterministic=True)
   dataset = dataset.batch(batch_size, drop_remainder=True)
   return dataset.prefetch(tf.data.AUTOTUNE).with_options(_options())

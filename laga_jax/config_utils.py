@@ -166,12 +166,33 @@ def _check_data_fields(config) -> None:
     _fail("data.color_jitter", jitter, "(brightness, contrast, saturation, hue), each >= 0, hue <= 0.5")
   _integer(config, "data.num_parallel_calls", 1, allow=(-1,))
   _one_of(config, "data.bad_images", image_check.POLICIES)
+  _check_source(config)
   info = datasets.DATASETS[d.name]
   valid = {**info.options, **datasets.COMMON_OPTIONS}
   for key in d.options:
     if key not in valid:
       _fail(f"data.options.{key}", d.options[key],
             f"an option of dataset {d.name!r}: {', '.join(sorted(valid)) or 'it takes none'}")
+
+
+def _check_source(config) -> None:
+  """`data.source` and, for "tfds", that `data.tfds_dir` holds the prepared config of the dataset."""
+  from data_pipelines import SOURCES
+  # Configs saved before these fields existed read their images from the files.
+  source, tfds_dir = config.data.get("source", "files"), config.data.get("tfds_dir", "")
+  if source not in SOURCES:
+    _fail("data.source", source, "one of " + ", ".join(repr(c) for c in SOURCES))
+  if not isinstance(tfds_dir, str):
+    _fail("data.tfds_dir", tfds_dir, "a TFDS data_dir, any tf.io path (\"\" = ~/tensorflow_datasets)")
+  if source == "files" and tfds_dir:  # set for TFRecords, yet the files would be read: say so
+    _fail("data.tfds_dir", tfds_dir, "'' with --config.data.source=files (add --config.data.source=tfds to "
+          "read the TFRecords prepared there)")
+  if source == "tfds":
+    from data_pipelines.tfds import laga_reid  # Deferred: TFDS is only imported for this source.
+    missing = laga_reid.missing_preparation(tfds_dir, laga_reid.config_name(config.data.name,
+                                                                            config.data.options.to_dict()))
+    if missing:
+      _fail("data.tfds_dir", tfds_dir, f"the TFDS data_dir of --config.data.source=tfds: {missing}")
 
 
 def _check_train_eval_fields(config) -> None:

@@ -129,8 +129,9 @@ def _max_pool_by_slices(x: jax.Array, params: dict) -> jax.Array:
 
 def _portable(closed: Any) -> Callable:
   """A function that replays `closed` (a ClosedJaxpr) primitive by primitive, with nested jit and custom
-  derivative calls inlined, `stack` written as expand_dims + concatenate and max pooling as strided slices:
-  primitives the ONNX converter turns into operators every runtime supports. Replaying the traced program also keeps the converter off Flax's own functions."""
+  derivative calls inlined, `stack` written as expand_dims + concatenate, `unstack` as slices and max pooling
+  as strided slices: primitives the ONNX converter turns into operators every runtime supports. Replaying the
+  traced program also keeps the converter off Flax's own functions."""
   from jax import lax
   from jax.extend import core as jcore
 
@@ -155,6 +156,9 @@ def _portable(closed: Any) -> Callable:
       elif name == "stack":
         axis = eqn.params["axis"]
         outs = [lax.concatenate([lax.expand_dims(v, (axis,)) for v in values], axis)]
+      elif name == "unstack":  # jax 0.12 traces this model with it (0.10 does not); jax2onnx 0.13.0 has no rule
+        axis = eqn.params["axis"]
+        outs = [lax.index_in_dim(values[0], i, axis, keepdims=False) for i in range(values[0].shape[axis])]
       elif name == "reduce_window_max" and _slices_suffice(eqn.params):
         outs = [_max_pool_by_slices(values[0], eqn.params)]
       else:

@@ -148,6 +148,10 @@ def preprocessed_batches(images: Sequence[ImageLike], image_size: Tuple[int, int
   from data_pipelines import input_pipeline
   images = _image_list(images)
   data_config = data_config or _eval_data_config(image_size)
+  if data_config.get("source", "files") != "files":
+    # These are the caller's own files, not records of the prepared dataset a run may have trained from.
+    data_config = data_config.copy_and_resolve_references()
+    data_config.source = "files"
   pending: List[np.ndarray] = []
 
   def flush(final: bool):

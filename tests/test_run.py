@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -56,6 +57,22 @@ def test_demo_writes_results(demo_run):
   assert any((workdir / "tensorboard").iterdir())
   saved = np.load(workdir / "features_final.npz")
   np.testing.assert_allclose(np.linalg.norm(saved["features"], axis=1), 1.0, rtol=1e-5)
+
+
+# What a run itself writes to stderr: the project's log ("HH:MM:SS message", run.py's handler) and its
+# progress lines (laga_jax/logging_utils.py: "train: ...", "features: ...").
+OWN_LINE = re.compile(r"^(\d\d:\d\d:\d\d |(train|features): )")
+
+
+def test_a_normal_run_prints_no_library_warnings(demo_run):
+  """No library speaks during a normal run: not orbax's "Waiting for previous save to complete" at every
+  checkpoint (two here), no absl, TensorFlow or Python warnings; every stderr line is one of ours."""
+  _, done = demo_run
+  lines = [line for line in done.stderr.replace("\r", "\n").splitlines() if line.strip()]
+  assert any(line.startswith("train: ") for line in lines), done.stderr[-2000:]
+  foreign = [line for line in lines if not OWN_LINE.match(line) or "WARNING" in line
+             or "Waiting for previous save" in line]
+  assert not foreign, "\n".join(foreign[:20])
 
 
 def test_eval_mode_reuses_checkpoint_on_two_datasets(demo_run, tmp_path):

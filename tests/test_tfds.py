@@ -1,5 +1,7 @@
-"""TFDS builder: a dozen real JPEGs in the Market-1501 layout (and a tiny HD tree) prepared and read back."""
+"""TFDS builder: a dozen real JPEGs in the Market-1501 layout (and a tiny HD tree) prepared and read back; the
+demo prepared as TFRecords feeds training and evaluation batches equal to the files' (`data.source=tfds`)."""
 
+import dataclasses
 import os
 import pathlib
 
@@ -122,3 +124,80 @@ def test_missing_manual_dir_shows_the_instructions(tmp_path):
   builder = laga_tfds.LagaReid(config="dukemtmc", data_dir=str(tmp_path / "data"))
   with pytest.raises(AssertionError, match=r"does not exist or is empty[\s\S]*<manual_dir>/DukeMTMC-reID/"):
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / "none")))
+
+
+# --- training and evaluation from the prepared TFRecords (config.data.source = "tfds") -----------------------
+
+@pytest.fixture(scope="module")
+def demo_tfds(tmp_path_factory):
+  """(config with source "tfds", the demo splits parsed from the files): the demo prepared as TFRecords; the
+  builder generates the demo files under its download folder, which the parser then reads as `data.root`."""
+  from configs import demo
+  from data_pipelines import datasets
+
+  tmp = tmp_path_factory.mktemp("tfds_demo")
+  builder = laga_tfds.laga_reid.prepare("demo", str(tmp / "data"))
+  root = tmp / "data" / "downloads" / "demo"
+  config = demo.get_config()
+  config.data.update({"root": str(root), "source": "tfds", "tfds_dir": str(tmp / "data")})
+  splits = datasets.load_splits("demo", root)
+  assert {k: v.num_examples for k, v in builder.info.splits.items()} == {k: len(v) for k, v in splits.items()}
+  return config, splits
+
+
+def _moved(records, old_root, new_root):
+  """The records under another root, where no file exists: only the TFRecords can supply their pixels."""
+  return [dataclasses.replace(r, path=os.path.join(new_root, os.path.relpath(r.path, old_root))) for r in records]
+
+
+def test_train_and_eval_batches_from_tfds_equal_the_files(demo_tfds, tmp_path):
+  from data_pipelines import input_pipeline
+  from laga_jax import config_utils
+
+  config, splits = demo_tfds
+  config_utils.validate_config(config)
+  files_cfg = config.data.copy_and_resolve_references()
+  files_cfg.source = "files"
+  tfds_cfg = config.data.copy_and_resolve_references()
+  tfds_cfg.root = str(tmp_path / "absent")  # the files are not there
+  train = _moved(splits["train"], config.data.root, tfds_cfg.root)
+  assert not os.path.exists(train[0].path)
+  for cache in (False, True):
+    files_cfg.cache_decoded = tfds_cfg.cache_decoded = cache
+    kwargs = dict(seed=3, epoch=1, start_step=2, num_steps=3)
+    expected = list(input_pipeline.train_batches(splits["train"], files_cfg, **kwargs).as_numpy_iterator())
+    got = list(input_pipeline.train_batches(train, tfds_cfg, **kwargs).as_numpy_iterator())
+    assert len(got) == len(expected) == 3
+    for want, have in zip(expected, got):
+      assert want["image"].shape == (config.data.p * config.data.k,) + tuple(config.data.image_size) + (3,)
+      np.testing.assert_array_equal(have["image"], want["image"])
+      np.testing.assert_array_equal(have["label"], want["label"])
+  for split in ("query", "gallery"):
+    expected = list(input_pipeline.eval_batches(splits[split], files_cfg, 64).as_numpy_iterator())
+    got = list(input_pipeline.eval_batches(_moved(splits[split], config.data.root, tfds_cfg.root), tfds_cfg,
+                                           64).as_numpy_iterator())
+    assert len(got) == len(expected) > 1
+    for want, have in zip(expected, got):
+      for key in ("image", "mask", "index"):
+        np.testing.assert_array_equal(have[key], want[key])
+
+
+def test_tfds_source_refuses_unknown_images_and_an_unprepared_dir(demo_tfds, tmp_path):
+  from data_pipelines import input_pipeline
+  from laga_jax import config_utils
+
+  config, splits = demo_tfds
+  stranger = dataclasses.replace(splits["query"][0], path=os.path.join(config.data.root, "query", "9999_c1s1.jpg"))
+  with pytest.raises(ValueError, match=r"1 of 2 images are not in laga_reid/demo at .*query/9999_c1s1\.jpg"):
+    input_pipeline.eval_batches([splits["query"][1], stranger], config.data, 4)
+  impostor = dataclasses.replace(splits["query"][2], pid=splits["query"][2].pid + 1)
+  with pytest.raises(ValueError, match=r"is person \d+ camera \d+ in laga_reid/demo but \(\d+, \d+\) in the parsed"):
+    input_pipeline.eval_batches([impostor], config.data, 4)
+  empty = config.copy_and_resolve_references()
+  empty.data.tfds_dir = str(tmp_path)
+  with pytest.raises(config_utils.ConfigError) as info:
+    config_utils.validate_config(empty)
+  message = str(info.value)
+  assert message.startswith(f"--config.data.tfds_dir={str(tmp_path)!r}: expected the TFDS data_dir of "
+                            "--config.data.source=tfds: no prepared laga_reid/demo at ") and "\n" not in message
+  assert f"python -m data_pipelines.tfds --config demo --data_dir {tmp_path}" in message

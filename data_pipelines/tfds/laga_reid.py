@@ -13,7 +13,7 @@ filesystem tf.io supports (gs://, s3://, ...); the source folders themselves mus
 import dataclasses
 import fnmatch
 import os
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -118,3 +118,81 @@ def prepare(config: str, data_dir: str, manual_dir: Optional[str] = None) -> Lag
   download_config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
   builder.download_and_prepare(download_config=download_config)
   return builder
+
+
+# --- reading a prepared config back for training and evaluation (config.data.source = "tfds") --------------
+
+DEFAULT_DATA_DIR = "~/tensorflow_datasets"  # what `python -m data_pipelines.tfds` writes to by default
+
+
+def config_name(dataset: str, options: Mapping[str, Any]) -> str:
+  """The builder config that holds `dataset` parsed with `options` (see `_configs`): a non-zero `draw` picks
+  `<name>_draw<d>`, `merge_val` picks `<name>_merge_val`; other options only choose among the same files."""
+  name = dataset
+  if options.get("draw"):
+    name += f"_draw{int(options['draw'])}"
+  if options.get("merge_val"):
+    name += "_merge_val"
+  return name
+
+
+def prepared_dir(data_dir: str, config: str) -> str:
+  """`<data_dir>/laga_reid/<config>/<version>`, where `prepare` writes a config's TFRecords."""
+  return os.path.join(os.path.expanduser(data_dir or DEFAULT_DATA_DIR), "laga_reid", config, str(LagaReid.VERSION))
+
+
+def missing_preparation(data_dir: str, config: str) -> Optional[str]:
+  """None when `config` is prepared under `data_dir`, else the reason and the command that prepares it."""
+  import tensorflow as tf
+  folder = prepared_dir(data_dir, config)
+  if tf.io.gfile.exists(os.path.join(folder, "dataset_info.json")):
+    return None
+  known = LagaReid.builder_configs.get(config)
+  source = "" if known is not None and known.dataset in GENERATED else " --manual_dir <folder of the download>"
+  return (f"no prepared laga_reid/{config} at {folder}; write it with: python -m data_pipelines.tfds "
+          f"--config {config}{source} --data_dir {data_dir or DEFAULT_DATA_DIR}")
+
+
+def encoded_images(data_dir: str, config: str, keys: Sequence[str],
+                   identities: Optional[Sequence[tuple]] = None) -> np.ndarray:
+  """The stored bytes (the source files' own, see `_info`) of the examples whose `path` feature is each of
+  `keys`, in the order of `keys`: an object array of `bytes`, one per key.
+
+  Every split is searched (records of a hand set's draw or of a cross-dataset target may sit in any of
+  them), and reading stops once every key is found. With `identities`, (pid, camid) per key, the stored
+  identity must match too, so TFRecords prepared from another copy of the dataset are refused.
+  """
+  missing = missing_preparation(data_dir, config)
+  if missing:
+    raise FileNotFoundError(f"config.data.source='tfds': {missing}")
+  wanted: dict = {}
+  for position, key in enumerate(keys):
+    wanted.setdefault(key, []).append(position)
+  found = np.empty(len(keys), object)
+  builder = tfds.builder_from_directory(prepared_dir(data_dir, config))
+  remaining = len(wanted)
+  for split in builder.info.splits:
+    if not remaining:
+      break
+    dataset = builder.as_dataset(split=split, shuffle_files=False,
+                                 decoders={"image": tfds.decode.SkipDecoding()})
+    for example in dataset.as_numpy_iterator():
+      positions = wanted.get(example["path"].decode())
+      if positions is None or found[positions[0]] is not None:
+        continue
+      for position in positions:
+        if identities is not None and tuple(identities[position]) != (example["pid"], example["camid"]):
+          raise ValueError(
+              f"config.data.source='tfds': {keys[position]} is person {example['pid']} camera "
+              f"{example['camid']} in laga_reid/{config} but {tuple(identities[position])} in the parsed "
+              f"dataset; were the TFRecords prepared from another copy of it?")
+        found[position] = example["image"]
+      remaining -= 1
+      if not remaining:
+        break
+  if remaining:
+    absent = [key for key, positions in wanted.items() if found[positions[0]] is None]
+    raise ValueError(f"config.data.source='tfds': {len(absent)} of {len(wanted)} images are not in "
+                     f"laga_reid/{config} at {prepared_dir(data_dir, config)}, e.g. {absent[0]} (prepared from "
+                     "another copy or other options of the dataset?)")
+  return found
