@@ -451,5 +451,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
+  # As run.py: TensorFlow only feeds data, so its start-up notices (and oneDNN kernels) are not wanted.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   main()
