@@ -43,6 +43,8 @@ flags.DEFINE_bool("rebuild_index", False, "--mode index/search: start the index 
 flags.DEFINE_integer("topk", 10, "--mode search: number of matches to print and save.")
 flags.DEFINE_string("split", "query", "--mode maps: the split whose images are drawn (query, gallery, train).")
 flags.DEFINE_integer("num_images", 6, "--mode maps: number of images (rows of the grid).")
+flags.DEFINE_list("query_position", None, "--mode maps: row,col of the SAM-RPE query on its attention map "
+                  "(default the centre).")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -82,7 +84,9 @@ def main(argv):
                              gallery_dirs=FLAGS.gallery_dir or [], topk=FLAGS.topk, rebuild=FLAGS.rebuild_index)
       return
     if config.mode == "maps":
-      print(f"maps: {trainer.maps_workdir(config, FLAGS.workdir, split=FLAGS.split, num_images=FLAGS.num_images)}")
+      path = trainer.maps_workdir(config, FLAGS.workdir, split=FLAGS.split, num_images=FLAGS.num_images,
+                                  query_position=FLAGS.query_position)
+      print(f"maps: {path}")
       return
     # A multi-process job starts here, before JAX touches a device (train.distributed, docs/distributed.md).
     import jax  # already loaded by the trainer

@@ -3,11 +3,24 @@
   python -m laga_jax.compare --out runs/compare \
       --configs configs/demo.py,configs/demo.py:bot,configs/demo.py:global [--eval_datasets demo,demo_b]
 
-Each config runs in `<out>/<label>` (label: the part after ":" or the file name). A workdir whose
-results.json covers every requested target is reused as it is; an unfinished one resumes from its last
-checkpoint. Writes `<out>/comparison.{md,json,png}`: parameters, GFLOPs per image (XLA's cost analysis of
-the eval forward pass), train and extraction images/s on this machine, rank-1/5, mAP, mINP, each
-cross-dataset target, and a query-by-query comparison of every model with the first.
+Each config runs in `<out>/<label>`. Labels (`label_of`) are the model's registry name for a config without an
+argument or whose argument is its dataset (`configs/demo.py` -> `laga`, `configs/pcb.py:market1501` -> `pcb`,
+`configs/pcb.py:market1501_rpp` -> `pcb_rpp`), else the argument (`configs/demo.py:bot` -> `bot`,
+`configs/ablation.py:global` -> `global`); `--labels` names them explicitly.
+
+A workdir whose results.json covers every requested target is reused as it is; an unfinished one resumes
+from its last checkpoint; a finished one missing a target, or evaluated with other `eval` options, is
+evaluated again without training. A workdir trained with another recipe (any config field that changes what
+is learned, i.e. outside `eval` and `RUN_ONLY_FIELDS`) is refused with the differing fields named: delete
+it or choose another `--out`, so a table never mixes two recipes under one label.
+
+Chained stages: a config that sets `model.init_from` and follows a config of the same model on the same
+dataset starts from that config's workdir (PCB -> RPP -> fine-tuning: `configs/pcb.py:market1501`,
+`configs/pcb.py:market1501_rpp`, `configs/pcb.py:market1501_rpp_finetune` in this order).
+
+Writes `<out>/comparison.{md,json,png}`: parameters, GFLOPs per image (XLA's cost analysis of the eval forward
+pass), train and extraction images/s on this machine, rank-1/5, mAP, mINP, each cross-dataset target, and a
+query-by-query comparison of every model with the first on the first target.
 """
 
 import argparse
@@ -17,6 +30,7 @@ import logging
 import os
 import pathlib
 import platform
+import re
 import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
@@ -40,19 +54,132 @@ def load_config(spec: str):
   return module.get_config(arg) if arg else module.get_config()
 
 
-def label_of(spec: str) -> str:
-  path, _, arg = spec.partition(":")
-  return arg or pathlib.Path(path).stem
+def label_of(spec: str, config) -> str:
+  """The folder and table name of the config `spec` ("path[:arg]") that loaded as `config` (see the module
+  docstring): the model name when the argument is absent or is the dataset, plus what follows the dataset
+  name (a training stage); otherwise the argument."""
+  _, _, arg = spec.partition(":")
+  model, dataset = str(config.model.name), str(config.data.name)
+  if not arg or arg == dataset or "/" in arg or arg.endswith(".json"):  # a saved config.json: its model
+    label = model
+  elif arg.startswith(dataset + "_"):
+    label = f"{model}_{arg[len(dataset) + 1:]}"
+  else:
+    label = arg
+  return re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
 
 
-def _finished(workdir: pathlib.Path, targets: Sequence[str]) -> Optional[dict]:
-  """The saved results of a finished run that cover every target, else None."""
+def _labels(specs: Sequence[str], configs: Sequence[Any], given: Sequence[str]) -> List[str]:
+  """The label of every spec (`given` when not empty), checked to be unique folder names."""
+  if given:
+    if len(given) != len(specs):
+      raise ValueError(f"--labels: {len(given)} label(s) for {len(specs)} config(s); give one per config")
+    bad = [g for g in given if not re.fullmatch(r"[A-Za-z0-9_.-]+", g) or g in (".", "..")]
+    if bad:
+      raise ValueError(f"--labels: {', '.join(map(repr, bad))} cannot name a folder; use letters, digits, "
+                       "'_', '-' and '.'")
+    labels = list(given)
+  else:
+    labels = [label_of(s, c) for s, c in zip(specs, configs)]
+  seen: Dict[str, str] = {}
+  for spec, label in zip(specs, labels):
+    if label in seen:
+      raise ValueError(f"--configs: {seen[label]} and {spec} both get the label {label!r}; name every config "
+                       "with --labels, e.g. --labels " + ",".join(f"{l}_{i}" for i, l in enumerate(labels)))
+    seen[label] = spec
+  return labels
+
+
+# Config fields that never change what a run learns: where and how fast it runs, what it logs and keeps. The
+# dataset root is one of them for the reason the checkpoint fingerprint leaves it out: a dataset is its name
+# and options, and a moved copy is the same data.
+RUN_ONLY_FIELDS = ("mode", "data.root", "data.cache_decoded", "data.num_parallel_calls", "data.bad_images",
+                   "train.parallel", "train.num_devices", "train.distributed", "train.log_every_steps",
+                   "train.checkpoint_every_epochs", "train.keep_checkpoints")
+# `eval` fields that decide which targets are evaluated, not how (coverage is checked target by target).
+TARGET_FIELDS = ("eval.datasets",)
+
+
+def _flat(tree: Any, prefix: str = "") -> Dict[str, Any]:
+  """{"section.field": value} of a config or its JSON, values as JSON would read them back (tuples as lists)."""
+  if hasattr(tree, "to_dict"):
+    tree = tree.to_dict()
+  out: Dict[str, Any] = {}
+  for key, value in tree.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, dict) or hasattr(value, "to_dict"):
+      out.update(_flat(value, path + "."))
+    else:
+      out[path] = json.loads(json.dumps(value, default=list))
+  return out
+
+
+def config_differences(saved: Any, wanted: Any, *, section: Optional[str] = None) -> List[str]:
+  """"field: saved X, configured Y" for every field that differs between two configs (or their JSON): the
+  fields that change what is learned (all but `eval` and RUN_ONLY_FIELDS), or with `section` only that
+  section's (less TARGET_FIELDS)."""
+  old, new = _flat(saved), _flat(wanted)
+  if section is None:
+    keep = lambda k: not k.startswith("eval.") and k not in RUN_ONLY_FIELDS
+  else:
+    keep = lambda k: k.startswith(section + ".") and k not in TARGET_FIELDS
+  missing = "(absent)"
+  return [f"{k}: saved {old.get(k, missing)!r}, configured {new.get(k, missing)!r}"
+          for k in sorted(k for k in set(old) | set(new) if keep(k)) if old.get(k, missing) != new.get(k, missing)]
+
+
+def check_reusable(workdir: pathlib.Path, config) -> None:
+  """Refuse a workdir trained with another recipe than `config` (the differing fields named)."""
+  saved = workdir / "config.json"
+  if not saved.exists():
+    return
+  differences = config_differences(json.loads(saved.read_text()), config)
+  if differences:
+    raise ValueError(f"{workdir} was trained with another recipe than its config: " + "; ".join(differences)
+                     + f". Delete {workdir} to retrain it, or give another --out")
+
+
+def chain_stages(configs: Sequence[Any], labels: Sequence[str], out_dir: pathlib.Path) -> None:
+  """Point `model.init_from` of every later training stage at the workdir of the stage listed before it.
+
+  A config that sets `init_from` and follows a config of the same model on the same dataset is that model's
+  next stage (PCB -> RPP -> fine-tuning, paper Sec. 3.3): its configured path names where the previous stage
+  runs outside a comparison, and here that stage runs in `<out>/<label>`.
+  """
+  for i in range(1, len(configs)):
+    config, previous = configs[i], configs[i - 1]
+    if (config.model.get("init_from", "") and previous.model.name == config.model.name
+        and previous.data.name == config.data.name):
+      config.model.init_from = str(out_dir / labels[i - 1])
+      log.info("%s: initialised from %s (the stage before it)", labels[i], config.model.init_from)
+
+
+def _finished(workdir: pathlib.Path, targets: Sequence[str], config) -> Optional[dict]:
+  """The saved results of a finished run that cover every target with `config`'s evaluation options, else
+  None (then the run is trained, resumed or evaluated again)."""
   path = workdir / "results.json"
   if not path.exists():
     return None
   results = json.loads(path.read_text())
   have = set(results.get("targets", {})) or {results.get("dataset")}
-  return results if set(targets) <= have else None
+  if not set(targets) <= have:
+    return None
+  if config_differences(results.get("config", {}), config, section="eval"):
+    return None
+  return results
+
+
+def per_query_file(workdir: pathlib.Path, results: dict, config) -> pathlib.Path:
+  """The per-query scores of the first target, the one whose metrics the table shows first.
+
+  The evaluation names the file in each target's block; older results without that name follow its rule:
+  `per_query_final.npz` for the training set, `per_query_final_<target>.npz` for another.
+  """
+  if results.get("per_query_file"):
+    return workdir / results["per_query_file"]
+  first = results.get("dataset", config.data.name)
+  suffix = "" if first == config.data.name else f"_{first}"
+  return workdir / f"per_query_final{suffix}.npz"
 
 
 def model_cost(config, num_classes: int) -> Dict[str, float]:
@@ -147,12 +274,20 @@ def write_markdown(path: pathlib.Path, rows: List[dict], targets: Sequence[str],
       block = row["targets"].get(t, {})
       cells.append(f"{_pct(block.get('rank1'))} / {_pct(block.get('mAP'))}")
     lines.append("| " + " | ".join(cells) + " |")
-  if any("untrained" in row for row in rows):
-    lines += ["", "Untrained (same initialisation) rank-1 / mAP: " + ", ".join(
-        f"{row['label']} {_pct(row['untrained'].get('rank1'))} / {_pct(row['untrained'].get('mAP'))}"
-        for row in rows if "untrained" in row)]
+  untrained = [row for row in rows if "untrained" in row]
+  if untrained:
+    # The same initialisation as each trained row, scored on every target: what training adds.
+    head = ["model (untrained)", f"{targets[0]} rank-1 / mAP"] + [f"{t} rank-1 / mAP" for t in cross]
+    lines += ["", "Untrained models (the same initialisation, before training):", "",
+              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in untrained:
+      cells = [row["label"], f"{_pct(row['untrained'].get('rank1'))} / {_pct(row['untrained'].get('mAP'))}"]
+      for t in cross:
+        block = row.get("untrained_targets", {}).get(t, {})
+        cells.append(f"{_pct(block.get('rank1'))} / {_pct(block.get('mAP'))}")
+      lines.append("| " + " | ".join(cells) + " |")
   if pairs:
-    lines += ["", "Query by query (rank-1 hits on the first target):", "",
+    lines += ["", f"Query by query (rank-1 hits on `{targets[0]}`):", "",
               "| model | versus | only model | only versus | both | neither |", "|---|---|---|---|---|---|"]
     for p in pairs:
       lines.append(f"| {p['model']} | {p['versus']} | {p['only_model']} | {p['only_versus']} | {p['both']} | "
@@ -196,17 +331,14 @@ def write_plot(path: pathlib.Path, rows: List[dict], dataset: str) -> None:
   plt.close(fig)
 
 
-def compare(specs: Sequence[str], out: str, *, eval_datasets: str = "", overrides: Sequence[str] = ()) -> dict:
+def compare(specs: Sequence[str], out: str, *, eval_datasets: str = "", overrides: Sequence[str] = (),
+            labels: Sequence[str] = ()) -> dict:
   """Run every config spec (see module docstring) and write the comparison files; returns the JSON."""
   import jax
   from laga_jax import config_utils, trainer
   out_dir = pathlib.Path(out).absolute()
-  out_dir.mkdir(parents=True, exist_ok=True)
-  labels = [label_of(s) for s in specs]
-  if len(set(labels)) != len(labels):
-    raise ValueError(f"--configs: two configs share the label {labels}; give each its own :arg or file name")
-  rows, per_query, dataset, targets = [], {}, None, None
-  for spec, label in zip(specs, labels):
+  configs = []
+  for spec in specs:
     config = load_config(spec)
     for item in overrides:
       key, _, value = item.partition("=")
@@ -215,21 +347,30 @@ def compare(specs: Sequence[str], out: str, *, eval_datasets: str = "", override
       config.eval.datasets = eval_datasets
     config.mode = "train_eval"
     config_utils.validate_config(config)
-    names = [n for n, _ in trainer.eval_targets(config)]
-    if dataset is None:
-      dataset, targets = config.data.name, names
-    elif config.data.name != dataset:
+    configs.append(config)
+  labels = _labels(specs, configs, labels)
+  dataset = configs[0].data.name if configs else None
+  for spec, config in zip(specs, configs):
+    if config.data.name != dataset:
       raise ValueError(f"--configs: {spec} trains on {config.data.name!r}, the first config on {dataset!r}; "
                        "a comparison is on one dataset")
+  out_dir.mkdir(parents=True, exist_ok=True)
+  targets = [n for n, _ in trainer.eval_targets(configs[0])] if configs else []
+  rows, per_query = [], {}
+  chain_stages(configs, labels, out_dir)
+  for spec, label, config in zip(specs, labels, configs):
+    names = [n for n, _ in trainer.eval_targets(config)]
     workdir = out_dir / label
-    results = _finished(workdir, names)
+    check_reusable(workdir, config)
+    results = _finished(workdir, names, config)
     if results is None:
-      log.info("%s: training / evaluating in %s", label, workdir)
       if (workdir / "results.json").exists() and (workdir / "checkpoints").is_dir():
+        log.info("%s: evaluating the trained model in %s", label, workdir)
         eval_config = config.copy_and_resolve_references()
         eval_config.mode = "eval"
         trainer.train_and_evaluate(eval_config, str(workdir))
       else:
+        log.info("%s: training and evaluating in %s", label, workdir)
         trainer.train_and_evaluate(config, str(workdir))
       results = json.loads((workdir / "results.json").read_text())
     else:
@@ -245,8 +386,10 @@ def compare(specs: Sequence[str], out: str, *, eval_datasets: str = "", override
            "workdir": str(workdir)}
     if "untrained" in results:
       row["untrained"] = {k: results["untrained"].get(k) for k in METRICS}
+      row["untrained_targets"] = {t: {k: b.get(k) for k in METRICS}
+                                  for t, b in results["untrained"].get("targets", {}).items()}
     rows.append(row)
-    pq = workdir / "per_query_final.npz"
+    pq = per_query_file(workdir, results, config)
     if pq.exists():
       per_query[label] = dict(np.load(pq))
   pairs = query_by_query(per_query)
@@ -286,6 +429,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   parser.add_argument("--out", required=True, help="folder for the workdirs and comparison.{md,json,png}")
   parser.add_argument("--eval_datasets", default="",
                       help="evaluation targets for every config (config.eval.datasets), e.g. demo,demo_b")
+  parser.add_argument("--labels", default="",
+                      help="comma-separated names of the configs' rows and workdirs (default: see label_of)")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                       help="override a config field in every config, e.g. --set train.num_epochs=5")
   args = parser.parse_args(argv)
@@ -298,7 +443,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   project.propagate = False
   try:
     compare([s for s in args.configs.split(",") if s], args.out, eval_datasets=args.eval_datasets,
-            overrides=args.set)
+            overrides=args.set, labels=[s for s in args.labels.split(",") if s])
   except (FileNotFoundError, ValueError, KeyError) as error:
     if os.environ.get("LAGA_DEBUG"):
       raise
@@ -306,5 +451,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
+  # As run.py: TensorFlow only feeds data, so its start-up notices (and oneDNN kernels) are not wanted.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   main()

@@ -6,7 +6,7 @@ import json
 import logging
 import pathlib
 import time
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -51,13 +51,14 @@ def build_models(config: ml_collections.ConfigDict, num_classes: int) -> tuple:
           module.build(config.model, num_classes))
 
 
-def _dataset_records(config: ml_collections.ConfigDict, **option_overrides) -> dict:
+def _dataset_records(config: ml_collections.ConfigDict, *, eval_only: bool = False, **option_overrides) -> dict:
+  """The checked splits of `config.data`; with `eval_only` query and gallery only (no training split read,
+  checked or required: a test-only copy of a dataset evaluates)."""
   from data_pipelines import datasets
   from data_pipelines import image_check
   options = dict(config.data.options.to_dict(), **option_overrides)
-
   def load():
-    splits = datasets.load_splits(config.data.name, config.data.root, **options)
+    splits = datasets.load_splits(config.data.name, config.data.root, eval_only=eval_only, **options)
     # Every image decoded once up front (cached): a bad file stops the run here, not after the training.
     return image_check.check_splits(splits, dataset=config.data.name, root=config.data.root,
                                     policy=config.data.get("bad_images", "stop"))
@@ -339,10 +340,11 @@ def eval_targets(config: ml_collections.ConfigDict) -> List[Tuple[str, ml_collec
 
 
 def _target_splits(target: ml_collections.ConfigDict, default: Optional[dict] = None) -> list:
-  """The query/gallery splits to score: one split, or `num_draws` seeded draws (hand protocol)."""
+  """The query/gallery splits to score: one split, or `num_draws` seeded draws (hand protocol). Only query
+  and gallery are read (`eval_only`), so a target needs no training split."""
   if target.eval.num_draws == 1:
-    return [default if default is not None else _dataset_records(target)]
-  return [_dataset_records(target, draw=draw) for draw in range(target.eval.num_draws)]
+    return [default if default is not None else _dataset_records(target, eval_only=True)]
+  return [_dataset_records(target, eval_only=True, draw=draw) for draw in range(target.eval.num_draws)]
 
 
 def evaluate_targets(config: ml_collections.ConfigDict, workdir: pathlib.Path, feature_fn, variables: dict, *,
@@ -420,20 +422,22 @@ def load_trained_model(config: ml_collections.ConfigDict, workdir: pathlib.Path,
 
 
 def maps_workdir(config: ml_collections.ConfigDict, workdir: str, *, split: str = "query",
-                 num_images: int = 6) -> str:
-  """`--mode maps`: activation (and, for LAGA-Net, attention) maps of `num_images` images of a split of
-  the first evaluation target, drawn by the trained model of `workdir` into `maps_<split>.png`."""
+                 num_images: int = 6, query_position: Optional[Sequence] = None) -> str:
+  """`--mode maps`: activation (and, for models with attention, attention) maps of `num_images` images of a
+  split of the first evaluation target, drawn by the trained model of `workdir` into `maps_<split>.png`;
+  `query_position` (row, col) is the SAM-RPE query on the attention map (default its centre)."""
   from laga_jax.evaluation import maps
   workdir = pathlib.Path(workdir).absolute()
   _, eval_model, variables, _, _ = load_trained_model(config, workdir, mode="maps")
   name, target = eval_targets(config)[0]
-  splits = _dataset_records(target, **({"draw": 0} if target.eval.num_draws > 1 else {}))
+  splits = _dataset_records(target, eval_only=split != "train",
+                            **({"draw": 0} if target.eval.num_draws > 1 else {}))
   if split not in splits or not splits[split]:
     raise ValueError(f"--split {split}: dataset {name!r} has splits {', '.join(k for k in splits if splits[k])}")
   suffix = "" if name == config.data.name else f"_{name}"
   path = maps.grid_for_records(eval_model, variables, splits[split], target.data,
                                str(workdir / f"maps_{split}{suffix}.png"), num_images=num_images,
-                               seed=config.train.seed)
+                               seed=config.train.seed, query_position=maps.parse_position(query_position))
   log.info("maps: %s", path)
   return path
 

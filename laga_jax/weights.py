@@ -456,16 +456,16 @@ def _ignored(key: str) -> bool:
 
 def resnet_variables(state_dict: Mapping[str, np.ndarray], template: Optional[Mapping[str, Any]] = None, *,
                      depth: int = 50, source: Optional[str] = None) -> Dict[str, Any]:
-  """torchvision ResNet state dict -> {'params', 'batch_stats'} of `laga_jax.models.resnet.ResNet`.
+  """torchvision ResNet state dict -> {'params', 'batch_stats'} of the project's torchvision-layout ResNet.
 
   `template` is the variable tree (or its `jax.eval_shape`) of the target ResNet; by default a torchvision
-  ResNet of `depth`, with `fc` when the state dict has one. `fc.*` in the file is ignored if the template
-  has no `fc`.
+  ResNet of `depth` (`models.torchvision_resnet`), with `fc` when the state dict has one. `fc.*` in the file
+  is ignored if the template has no `fc`.
   """
   if template is None:
-    from laga_jax.models import resnet
+    from laga_jax import models  # Deferred: the registry is only needed without a template.
     num_classes = state_dict["fc.weight"].shape[0] if "fc.weight" in state_dict else None
-    model = resnet.ResNet(resnet.stage_sizes_for_depth(depth), num_classes=num_classes)
+    model = models.torchvision_resnet(depth, num_classes)
     template = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3), jnp.float32))
   has_fc = "fc" in template["params"]
   variables = {c: template[c] for c in ("params", "batch_stats")}

@@ -654,3 +654,96 @@ def test_msmt17_v2_folders_are_accepted(tmp_path):
       ("mask_train_v2/0000/0000_045_12_0303morning_0006_2.jpg", 0, 12, 0),
       ("mask_train_v2/0000/0000_046_12_0303morning_0006_2_ex.jpg", 0, 12, 0)]
   assert (splits["query"][0].pid, splits["query"][0].camid) == (7, 1)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation only
+
+
+def test_eval_only_reads_test_only_copies(tmp_path, caplog):
+  """Copies holding only query and gallery (Market layout, custom tree and manifest, MSMT17 V1) parse with
+  `eval_only=True` into exactly those two splits, with no count warning about the missing train split; without
+  it the missing training part is named."""
+  market = tmp_path / "market"
+  make_tree(market, ["query/0001_c1s1_001051_00.jpg", "query/0003_c2s1_000301_01.jpg",
+                     "bounding_box_test/0001_c2s1_000151_01.jpg", "bounding_box_test/0000_c3s1_000151_01.jpg",
+                     "bounding_box_test/-1_c1s1_000401_03.jpg"])
+  custom = tmp_path / "custom"
+  for rel in ("query/12/q_c2.jpg", "gallery/12/g_c1.jpg", "gallery/0/distractor_c3.jpg"):
+    save_jpeg(custom / rel)
+  manifest = tmp_path / "test_only.csv"
+  manifest.write_text("path,pid,camid,split\ncustom/query/12/q_c2.jpg,12,2,query\n"
+                      "custom/gallery/12/g_c1.jpg,12,1,gallery\nnot/here.jpg,4,1,train\n")
+  msmt = tmp_path / "msmt"
+  for split, line in (("query", "0007/0007_000_01_0303noon_0015_0.jpg 7"),
+                      ("gallery", "0007/0007_019_05_0303noon_0029_1.jpg 7")):
+    (msmt / "test").mkdir(parents=True, exist_ok=True)
+    (msmt / f"list_{split}.txt").write_text(line + "\n")
+    make_tree(msmt, [f"test/{line.split()[0]}"])
+  cases = {"market1501": (market, (2, 2), (2, 2), "bounding_box_train"),
+           "custom": (custom, (1, 1), (2, 2), "train"), "msmt17": (msmt, (1, 1), (1, 1), "train")}
+  for name, (root, query, gallery, missing) in cases.items():
+    with caplog.at_level(logging.WARNING):
+      caplog.clear()
+      splits = datasets.load_splits(name, root, eval_only=True)
+    assert set(splits) == {"query", "gallery"}, name
+    assert id_image_counts(splits["query"]) == query and id_image_counts(splits["gallery"]) == gallery, name
+    assert not [r for r in caplog.records if "train" in r.getMessage()], name
+    with pytest.raises(FileNotFoundError, match=rf"folder not found: {root / missing}\n"):
+      datasets.load_splits(name, root)
+  # The manifest's train rows are not read, so their missing image is no error.
+  splits = datasets.load_splits("custom", manifest, eval_only=True)
+  assert set(splits) == {"query", "gallery"} and splits["query"][0].pid == 12
+  with pytest.raises(FileNotFoundError, match=r"line 4: image .*not/here\.jpg does not exist"):
+    datasets.load_splits("custom", manifest)
+
+
+def test_eval_only_equals_the_full_parse_on_real_lists(market_root, body_splits, hands_root, hd_root, caplog):
+  """On complete trees, evaluation-only parsing gives the full parse's query and gallery, with no warning."""
+  with caplog.at_level(logging.WARNING):
+    market = datasets.load_splits("market1501", market_root, eval_only=True)
+    hand = datasets.load_splits("11k_dorsal_right", hands_root, draw=2, eval_only=True)
+    hd = datasets.load_splits("hd", hd_root, draw=1, eval_only=True)
+  assert not caplog.records
+  full = body_splits("market1501")
+  assert market == {"query": full["query"], "gallery": full["gallery"]}
+  full_hand = datasets.load_splits("11k_dorsal_right", hands_root, draw=2)
+  assert hand == {"query": full_hand["query"], "gallery": full_hand["gallery"]}
+  full_hd = datasets.load_splits("hd", hd_root, draw=1)
+  assert hd == {"query": full_hd["query"], "gallery": full_hd["gallery"]}
+
+
+def test_eval_only_hands_need_no_training_images(hands_root, tmp_path):
+  """An 11k copy with only the images of one aspect's query and combined gallery evaluates; the full parse
+  names a missing training image."""
+  test = datasets.load_splits("11k_dorsal_left", hands_root, eval_only=True)
+  os.symlink(hands_root / "HandInfo.csv", tmp_path / "HandInfo.csv")
+  make_tree(tmp_path, [f"Hands/{os.path.basename(r.path)}" for r in test["query"] + test["gallery"]])
+  splits = datasets.load_splits("11k_dorsal_left", tmp_path, eval_only=True)
+  assert [os.path.basename(r.path) for r in splits["query"]] == [os.path.basename(r.path) for r in test["query"]]
+  assert id_image_counts(splits["gallery"]) == (290, 290)
+  with pytest.raises(FileNotFoundError, match=r"image\(s\) listed in .*HandInfo\.csv"):
+    datasets.load_splits("11k_dorsal_left", tmp_path)
+
+
+def test_eval_only_cuhk03_needs_only_test_images(cuhk03_raw):
+  """Once the PNGs are extracted, a copy without the training PNGs (and without cuhk-03.mat) evaluates; the
+  full parse wants the .mat to extract the missing training images again."""
+  root, _ = cuhk03_raw
+  full = datasets.load_splits("cuhk03_labeled", root)
+  (root / "cuhk03_release" / "cuhk-03.mat").unlink()
+  for record in full["train"]:
+    os.unlink(record.path)
+  splits = datasets.load_splits("cuhk03_labeled", root, eval_only=True)
+  assert splits == {"query": full["query"], "gallery": full["gallery"]}
+  with pytest.raises(FileNotFoundError, match=r"cuhk03_release/cuhk-03\.mat"):
+    datasets.load_splits("cuhk03_labeled", root)
+
+
+def test_a_parser_without_eval_only_still_evaluates(tmp_path, monkeypatch):
+  """A dataset added without the `eval_only` argument keeps working; evaluation gets its test splits."""
+  record, train = datasets.Record(str(tmp_path / "a.jpg"), 1, 1), datasets.Record(str(tmp_path / "t.jpg"), 2, 1, 0)
+  plain = datasets.DatasetInfo(name="plain", kind="body", description="d", layout="l", folder="plain",
+                               loader=lambda root: {"train": [train], "query": [record], "gallery": [record]})
+  monkeypatch.setattr(datasets, "DATASETS", {"plain": plain})
+  assert set(datasets.load_splits("plain", tmp_path)) == {"train", "query", "gallery"}
+  assert datasets.load_splits("plain", tmp_path, eval_only=True) == {"query": [record], "gallery": [record]}

@@ -31,18 +31,60 @@ def test_registry_names_and_contract():
 
 
 def test_no_module_outside_models_names_a_model():
-  """The trainer, evaluation, checkpoints, search and data never import a specific model module."""
-  pattern = re.compile(r"models\.(%s)\b|from laga_jax\.models import (%s)\b" % (
-      "|".join(models.names()) + "|laga_net", "|".join(models.names()) + "|laga_net"))
+  """The trainer, evaluation, checkpoints, search and data never reach into `laga_jax/models/`: no import of
+  (or reference to) any of its modules but the registry, and no attribute access to a registered model."""
+  # Every module of the package (models and their building blocks), and every registered name.
+  inside = sorted({p.stem for p in (ROOT / "laga_jax" / "models").glob("*.py") if p.stem != "__init__"}
+                  | set(models.names()))
+  alternatives = "|".join(inside)
+  patterns = [re.compile(r"\bmodels\.(%s)\b" % alternatives),   # laga_jax.models.resnet, models.laga_net
+              re.compile(r"from\s+laga_jax\.models\s+import\s+.*\b(%s)\b" % alternatives)]
   offenders = []
   for folder in ("laga_jax", "data_pipelines"):
     for path in (ROOT / folder).rglob("*.py"):
       if "models" in path.relative_to(ROOT).parts:
         continue
       for number, line in enumerate(path.read_text().splitlines(), 1):
-        if pattern.search(line):
+        if any(p.search(line) for p in patterns):
           offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
   assert not offenders, "\n".join(offenders)
+  # The patterns catch what they are for (so that an empty list above means something).
+  for line in ("from laga_jax.models.attention import CAM", "from laga_jax.models import layers, resnet",
+               "import laga_jax.models.feature_maps as fm", "module = models.laga_net", "models.bot.build"):
+    assert any(p.search(line) for p in patterns), line
+  for line in ("from laga_jax import models", "models.get_model(config.model.name)", "models.maps_function(m)"):
+    assert not any(p.search(line) for p in patterns), line
+
+
+def test_every_model_has_maps():
+  """The registry's maps hook: activation maps of the final stages by default (one per branch), the attention
+  maps where a model defines them."""
+  expected = {"laga": ["act"] * 4 + ["cam"] * 2 + ["sam"] * 4, "bot": ["act"], "pcb": ["act"],
+              "mgn": ["act"] * 3, "mba": ["act"] * 3 + ["cam"] * 2 + ["sam"] * 4}
+  images = jnp.asarray(np.random.default_rng(0).standard_normal((2,) + IMAGE + (3,)), jnp.float32)
+  drawn = {}
+  for name in models.names():
+    config = _tiny_config(name)
+    model = models.get_model(name).build(config.model, NUM_CLASSES)
+    variables = jax.jit(lambda r: model.init(r, images[:1], train=False))(jax.random.PRNGKey(0))
+    drawn[name] = models.maps_function(model)(model, variables, images)
+    assert sorted(k.split(":")[0] for k in drawn[name]) == expected[name], (name, sorted(drawn[name]))
+    assert all(v.shape[0] == 2 and v.ndim == 3 and np.isfinite(v).all() for v in drawn[name].values()), name
+  assert [k for k in drawn["mba"] if k.startswith("act:")] == [
+      "act:layer4[global]", "act:layer4[spatial]", "act:layer4[channel]"]
+  assert sorted(drawn["mgn"]) == ["act:p1/layer4", "act:p2/layer4", "act:p3/layer4"]
+  # A chosen SAM-RPE query changes that map only; one outside the map is named with the map's size.
+  model = models.get_model("laga").build(_tiny_config("laga").model, NUM_CLASSES)
+  variables = jax.jit(lambda r: model.init(r, images[:1], train=False))(jax.random.PRNGKey(0))
+  corner = models.maps_function(model)(model, variables, images, query_position=(0, 0))
+  centre = {k.split("=")[0]: v for k, v in drawn["laga"].items()}   # default query: the centre, (2, 1)
+  assert sorted(k for k in corner if "@query" in k) == ["sam:sam3@query=0,0", "sam:sam4@query=0,0"]
+  assert "sam:sam3@query=2,1" in drawn["laga"]
+  for key, value in corner.items():
+    same = np.allclose(value, centre[key.split("=")[0]])
+    assert same != ("@query=" in key), key
+  with pytest.raises(ValueError, match=r"--query_position=9,0: outside the 4x2 map of sam3 \(rows 0..3"):
+    models.maps_function(model)(model, variables, images, query_position=(9, 0))
 
 
 def _tiny_config(name: str):

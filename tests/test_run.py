@@ -96,12 +96,49 @@ def test_eval_mode_reuses_checkpoint_on_two_datasets(demo_run, tmp_path):
   assert np.nanmean(per_query["ap"]) == pytest.approx(first["mAP"], rel=1e-6)
 
 
+def test_eval_needs_no_training_split(demo_run, tmp_path):
+  """--mode eval on targets that hold only query and gallery: a Market-layout copy without
+  bounding_box_train/ and a `custom` tree without train/, both of the demo's test images, score as the
+  training set's own evaluation does."""
+  import shutil
+  workdir, _ = demo_run
+  run = tmp_path / "run"
+  shutil.copytree(workdir, run)
+  data = workdir.parent / "data"
+  market = tmp_path / "test_only"
+  market.mkdir()
+  for folder in ("query", "bounding_box_test"):
+    os.symlink(data / folder, market / folder)
+  custom = tmp_path / "custom"
+  for split, folder in (("query", "query"), ("gallery", "bounding_box_test")):
+    for image in (data / folder).glob("*.jpg"):
+      pid = int(image.name.split("_")[0])
+      if pid < 0:  # junk boxes, which the Market-layout parser drops too
+        continue
+      (custom / split / str(pid)).mkdir(parents=True, exist_ok=True)
+      os.symlink(image, custom / split / str(pid) / image.name)
+  done = _run("--config", "configs/demo.py", "--workdir", str(run), "--mode", "eval",
+              f"--config.data.root={data}", f"--config.eval.datasets=demo={market},custom={custom}", *TINY)
+  assert done.returncode == 0, done.stderr[-3000:]
+  results = json.loads((run / "results.json").read_text())
+  trained = json.loads((workdir / "results.json").read_text())
+  trained = trained.get("targets", {}).get("demo", trained)
+  for name in ("demo", "custom"):
+    block = results["targets"][name]
+    assert block["num_query"] == trained["num_query"] and block["num_gallery"] == trained["num_gallery"], name
+    assert block["rank1"] == pytest.approx(trained["rank1"]) and block["mAP"] == pytest.approx(trained["mAP"])
+  assert results["per_query_file"] == "per_query_final_demo.npz" and (run / "per_query_final_demo.npz").exists()
+
+
 def test_maps_mode_and_trained_maps_differ_from_untrained(demo_run):
   workdir, _ = demo_run
   done = _run("--config", "configs/demo.py", "--workdir", str(workdir), "--mode", "maps", "--num_images=3",
-              f"--config.data.root={workdir.parent / 'data'}", *TINY)
+              "--query_position=1,0", f"--config.data.root={workdir.parent / 'data'}", *TINY)
   assert done.returncode == 0, done.stderr[-3000:]
   assert (workdir / "maps_query.png").stat().st_size > 1000
+  bad = _run("--config", "configs/demo.py", "--workdir", str(workdir), "--mode", "maps", "--query_position=1",
+             f"--config.data.root={workdir.parent / 'data'}", *TINY)
+  assert bad.returncode == 1 and "--query_position=1: expected row,col" in bad.stderr
   from laga_jax.evaluation import maps
   config = demo.get_config()
   config.data.root = str(workdir.parent / "data")
@@ -123,13 +160,16 @@ def test_compare_reuses_a_finished_run(demo_run, tmp_path):
   import shutil
   from laga_jax import compare
   workdir, _ = demo_run
-  shutil.copytree(workdir, tmp_path / "demo")
+  shutil.copytree(workdir, tmp_path / "laga")
   overrides = ["data.root=" + str(workdir.parent / "data"), "data.image_size=(64, 32)",
-               "data.resize_size=(72, 36)", "model.width=8", "model.reduction_dim=16", "eval.batch_size=64"]
+               "data.resize_size=(72, 36)", "model.width=8", "model.reduction_dim=16", "train.num_epochs=2",
+               "train.steps_per_epoch=3", "eval.batch_size=64", "eval.num_figures=2"]
   summary = compare.compare(["configs/demo.py"], str(tmp_path), overrides=overrides)
   first = json.loads((workdir / "results.json").read_text())
   row = summary["models"][0]
-  assert row["label"] == "demo" and row["metrics"]["mAP"] == pytest.approx(first["mAP"])
+  assert row["label"] == "laga" and row["metrics"]["mAP"] == pytest.approx(first["mAP"])
+  # Reused as it was: neither trained nor evaluated again.
+  assert (tmp_path / "laga" / "results.json").read_text() == (workdir / "results.json").read_text()
   assert row["gflops"] > 0 and row["params"] > 0 and row["extract_images_per_second"] > 0
   for name in ("comparison.md", "comparison.json", "comparison.png"):
     assert (tmp_path / name).stat().st_size > 100, name

@@ -6,9 +6,14 @@
 Every dataset returns `train`, `query` and `gallery` lists of `Record`s (hand sets also `val`: one image per
 training identity, excluded from `train`). Train and val records carry contiguous labels 0..n-1 in pid order;
 `pid` and `camid` stay as in the dataset for evaluation (camid -1 = no camera, for hand sets).
+
+`load_splits(..., eval_only=True)` returns `query` and `gallery` only, for evaluating a trained model: the
+training part of the download (Market's bounding_box_train/, custom's train/, MSMT17's list_train.txt and
+train/ images, the hand sets' training images) is neither read nor required, so a test-only copy works.
 """
 
 import difflib
+import inspect
 import numbers
 import os
 import types
@@ -50,8 +55,17 @@ def _check_option(dataset: str, key: str, value: Any, default: Any) -> None:
     raise ValueError(f"dataset {dataset!r}: option {key}={value!r} ({type(value).__name__}): expected {expected}")
 
 
-def load_splits(name: str, root: str | os.PathLike, **options: Any) -> Splits:
-  """Parse dataset `name` at `root` into train/query/gallery (+val) record lists.
+def _takes_eval_only(loader) -> bool:
+  try:
+    parameters = inspect.signature(loader).parameters
+  except (TypeError, ValueError):
+    return False
+  return "eval_only" in parameters or any(p.kind == p.VAR_KEYWORD for p in parameters.values())
+
+
+def load_splits(name: str, root: str | os.PathLike, *, eval_only: bool = False, **options: Any) -> Splits:
+  """Parse dataset `name` at `root` into train/query/gallery (+val) record lists (query/gallery only with
+  `eval_only`, see the module docstring).
 
   Options are the dataset's (see `DATASETS[name].options`) plus `verify_images=True`, which decodes every
   image once and reports the files that fail.
@@ -63,7 +77,14 @@ def load_splits(name: str, root: str | os.PathLike, **options: Any) -> Splits:
       raise ValueError(f"dataset {name!r}: unknown option {key!r}; valid options: {', '.join(sorted(valid))}")
     _check_option(name, key, value, valid[key])
   verify = options.pop("verify_images", COMMON_OPTIONS["verify_images"])
-  splits = info.loader(os.fspath(root) if root is not None else root, **options)
+  root = os.fspath(root) if root is not None else root
+  if _takes_eval_only(info.loader):
+    splits = info.loader(root, eval_only=bool(eval_only), **options)
+  else:
+    # A parser written without `eval_only` still evaluates (on a complete download): its test splits only.
+    splits = info.loader(root, **options)
+    if eval_only:
+      splits = {k: splits[k] for k in ("query", "gallery")}
   common.check_labels(splits, name)
   if verify:
     common.verify_images(splits, name)

@@ -127,27 +127,32 @@ def read_protocol(config_path: pathlib.Path) -> tuple[list[str], np.ndarray, np.
   return names, pids, camids, indices
 
 
-def load(root: str, variant: str, images_dir: str = "") -> common.Splits:
-  """CUHK03 new-protocol splits of `variant` ("labeled" or "detected"), extracting images when missing."""
+def load(root: str, variant: str, images_dir: str = "", eval_only: bool = False) -> common.Splits:
+  """CUHK03 new-protocol splits of `variant` ("labeled" or "detected"), extracting images when missing.
+  With `eval_only`, query and gallery only: only their images need to exist (or be extracted)."""
   info = INFOS[variant]
   root = common.absolute_root(root, info.name)
   common.require_dir(root, root, info)
   config_path = common.require_file(root / f"cuhk03_new_protocol_config_{variant}.mat", root, info)
   names, pids, camids, indices = read_protocol(config_path)
+  if eval_only:
+    del indices["train"]
   image_dir = root / (images_dir or f"images_{variant}")
+  used = sorted({int(i) for index in indices.values() for i in index})
   paths = [os.path.join(image_dir, name) for name in names]
-  if not all(os.path.isfile(path) for path in paths):
+  if not all(os.path.isfile(paths[i]) for i in used):
     mat_path = common.require_file(root / "cuhk03_release" / "cuhk-03.mat", root, info)
     log.info("cuhk03: extracting %s images from %s into %s (once)", variant, mat_path, image_dir)
     written = extract_images(mat_path, variant, image_dir)
     log.info("cuhk03: wrote %d images", written)
-    absent = [path for path in paths if not os.path.isfile(path)]
+    absent = [paths[i] for i in used if not os.path.isfile(paths[i])]
     if absent:
       raise ValueError(f"cuhk03: {mat_path} holds no {variant} image for {len(absent)} file(s) of "
                        f"{config_path.name}, e.g. {absent[0]}")
   records = [common.Record(path, int(pid), int(camid)) for path, pid, camid in zip(paths, pids, camids)]
   splits = {split: [records[i] for i in index] for split, index in indices.items()}
-  splits["train"], _ = common.relabel(splits["train"])
+  if not eval_only:
+    splits["train"], _ = common.relabel(splits["train"])
   common.check_counts(info.name, splits, EXPECTED[variant])
   return splits
 

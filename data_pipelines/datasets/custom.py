@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "query", "gallery")    # val is optional: one held-out image per train identity
 REQUIRED_SPLITS = ("train", "query", "gallery")
+TEST_SPLITS = ("query", "gallery")                # all that evaluation reads (eval_only)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 CAMERA = re.compile(r"(?<![A-Za-z0-9])c(\d+)")   # `c3` in `0001_c3_f0100.jpg`; not the `c` of `scan01`
 DEFAULT_CAMERA = 0
@@ -45,10 +46,10 @@ def _parse_pid(text: str, where: str) -> int:
   return int(text)
 
 
-def parse_folder_tree(root: pathlib.Path) -> dict[str, list[common.Record]]:
-  """Records of `root/<split>/<pid>/<image>`; val/ is optional."""
+def parse_folder_tree(root: pathlib.Path, splits_read: tuple = SPLITS) -> dict[str, list[common.Record]]:
+  """Records of `root/<split>/<pid>/<image>` for each of `splits_read`; val/ is optional."""
   splits = {}
-  for split in SPLITS:
+  for split in splits_read:
     split_dir = root / split
     if split == "val" and not split_dir.exists():
       continue
@@ -66,8 +67,9 @@ def parse_folder_tree(root: pathlib.Path) -> dict[str, list[common.Record]]:
   return splits
 
 
-def parse_manifest(manifest: pathlib.Path) -> dict[str, list[common.Record]]:
-  """Records of a CSV manifest with the header `path,pid,camid,split` (extra columns are ignored)."""
+def parse_manifest(manifest: pathlib.Path, splits_read: tuple = SPLITS) -> dict[str, list[common.Record]]:
+  """Records of a CSV manifest with the header `path,pid,camid,split` (extra columns are ignored); rows of
+  splits outside `splits_read` are checked for their split name only (their images need not exist)."""
   splits = {}
   with open(manifest, newline="", encoding="utf-8") as f:
     reader = csv.DictReader(f)
@@ -82,6 +84,8 @@ def parse_manifest(manifest: pathlib.Path) -> dict[str, list[common.Record]]:
       split = row["split"].strip()
       if split not in SPLITS:
         raise ValueError(f"custom: {where}: split {split!r} is not one of {list(SPLITS)}")
+      if split not in splits_read:
+        continue
       pid = _parse_pid(row["pid"], where)
       camid = row["camid"].strip()
       if camid and not camid.lstrip("-").isdecimal():
@@ -95,18 +99,32 @@ def parse_manifest(manifest: pathlib.Path) -> dict[str, list[common.Record]]:
   return splits
 
 
-def load(root: str) -> common.Splits:
-  """Splits of a folder tree or CSV manifest at `root`; train relabelled, val (if any) labelled alike."""
+def load(root: str, eval_only: bool = False) -> common.Splits:
+  """Splits of a folder tree or CSV manifest at `root`; train relabelled, val (if any) labelled alike. With
+  `eval_only`, query and gallery only: train/ (and val/) may be absent."""
   root = common.absolute_root(root, INFO.name)
+  read, required = (TEST_SPLITS, TEST_SPLITS) if eval_only else (SPLITS, REQUIRED_SPLITS)
   if root.is_file():
-    splits, source = parse_manifest(root), str(root)
+    splits, source = parse_manifest(root, read), str(root)
   else:
     common.require_dir(root, root, INFO)
-    splits, source = parse_folder_tree(root), f"{root}/<split>/<pid>/"
-  for split in REQUIRED_SPLITS:
+    splits, source = parse_folder_tree(root, read), f"{root}/<split>/<pid>/"
+  for split in required:
     if not splits.get(split):
       raise ValueError(f"custom: {source} has no {split} images; expected at least one per split "
-                       f"{list(REQUIRED_SPLITS)}")
+                       f"{list(required)}")
+  if not eval_only:
+    splits = _label_train(splits, source)
+  test = splits["query"] + splits["gallery"]
+  if all(r.camid == DEFAULT_CAMERA for r in test):
+    log.warning("custom: no query/gallery image names a camera, so all are camera %d; the body protocol "
+                "drops same-identity same-camera gallery images, leaving no true match for any query. "
+                "Name cameras (`c<cam>`) or use --config.data.kind=hand.", DEFAULT_CAMERA)
+  return {split: splits[split] for split in SPLITS if split in splits}
+
+
+def _label_train(splits: dict, source: str) -> dict:
+  """Train relabelled 0..n-1; val images take their identity's train label (and must have one)."""
   splits["train"], pid_to_label = common.relabel(splits["train"])
   if "val" in splits:
     unknown = sorted({r.pid for r in splits["val"]} - set(pid_to_label))
@@ -114,12 +132,7 @@ def load(root: str) -> common.Splits:
       raise ValueError(f"custom: {source}: val identities {unknown[:5]} have no train images; val holds "
                        "held-out images of train identities")
     splits["val"] = [common.Record(r.path, r.pid, r.camid, pid_to_label[r.pid]) for r in splits["val"]]
-  test = splits["query"] + splits["gallery"]
-  if all(r.camid == DEFAULT_CAMERA for r in test):
-    log.warning("custom: no query/gallery image names a camera, so all are camera %d; the body protocol "
-                "drops same-identity same-camera gallery images, leaving no true match for any query. "
-                "Name cameras (`c<cam>`) or use --config.data.kind=hand.", DEFAULT_CAMERA)
-  return {split: splits[split] for split in SPLITS if split in splits}
+  return splits
 
 
 INFO = common.DatasetInfo(

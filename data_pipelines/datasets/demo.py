@@ -8,24 +8,24 @@ LAYOUT = """\
 (written by `python -m data_pipelines.demo --root <root>`, or automatically when root has no demo data)"""
 
 
-def _load(root: str, info: common.DatasetInfo, **generator_args) -> common.Splits:
+def _load(root: str, info: common.DatasetInfo, eval_only: bool, **generator_args) -> common.Splits:
   root = common.absolute_root(root, info.name)
   if not any((root / folder).exists() for folder in market1501.SPLIT_FOLDERS.values()):
     from data_pipelines.demo import generate_demo_dataset  # Deferred: only needed the first time.
 
     generate_demo_dataset(root, **generator_args)
   # No count check: the generator's parameters decide the counts.
-  return market1501.parse_market_layout(root, info, market1501.PATTERN, market1501.EXAMPLE)
+  return market1501.parse_market_layout(root, info, market1501.PATTERN, market1501.EXAMPLE, eval_only=eval_only)
 
 
-def load(root: str) -> common.Splits:
+def load(root: str, eval_only: bool = False) -> common.Splits:
   """Demo splits; generates the default demo dataset under `root` when none of its folders exist yet."""
-  return _load(root, INFO)
+  return _load(root, INFO, eval_only)
 
 
-def load_b(root: str) -> common.Splits:
+def load_b(root: str, eval_only: bool = False) -> common.Splits:
   """The second demo site (other identities, cameras, lighting), for cross-dataset evaluation."""
-  return _load(root, INFO_B, domain=1, seed=1)
+  return _load(root, INFO_B, eval_only, domain=1, seed=1)
 
 
 INFO = common.DatasetInfo(

@@ -10,7 +10,7 @@ LAYOUT = """\
 
 
 def load(root: str, aspect: str = "dorsal right", draw: int = 0, seed: int = 0,
-         combined_gallery: bool = True) -> common.Splits:
+         combined_gallery: bool = True, eval_only: bool = False) -> common.Splits:
   """The 11k split of the demo hand set for `aspect` ("dorsal right", "dorsal_left", ...); generated under
   `root` when it holds neither HandInfo.csv nor Hands/ yet."""
   from data_pipelines import demo_hands  # Deferred: PIL drawing is only needed the first time.
@@ -21,7 +21,7 @@ def load(root: str, aspect: str = "dorsal right", draw: int = 0, seed: int = 0,
   # No count check: the generator's parameters decide the counts.
   return hands11k.load_layout(root, aspect.replace("_", " "), INFO, draw=draw, seed=seed,
                               images_dir=demo_hands.IMAGES_DIR, info_file=demo_hands.INFO_FILE,
-                              combined_gallery=combined_gallery, check_counts=False)
+                              combined_gallery=combined_gallery, check_counts=False, eval_only=eval_only)
 
 
 INFO = common.DatasetInfo(

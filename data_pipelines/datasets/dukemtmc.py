@@ -18,10 +18,10 @@ LAYOUT = """\
 distributed - use a copy you are licensed to use)"""
 
 
-def load(root: str) -> common.Splits:
+def load(root: str, eval_only: bool = False) -> common.Splits:
   """DukeMTMC-reID splits from its original download layout (the Market-1501 folder names)."""
   root = common.absolute_root(root, INFO.name)
-  splits = market1501.parse_market_layout(root, INFO, PATTERN, EXAMPLE)
+  splits = market1501.parse_market_layout(root, INFO, PATTERN, EXAMPLE, eval_only=eval_only)
   common.check_counts(INFO.name, splits, EXPECTED)
   return splits
 

@@ -80,16 +80,18 @@ def split_identities(rows: list[HandRow], aspect: str,
 
 
 def load(root: str, aspect: str, draw: int = 0, seed: int = 0, images_dir: str = "Hands",
-         info_file: str = "HandInfo.csv", combined_gallery: bool = True) -> common.Splits:
+         info_file: str = "HandInfo.csv", combined_gallery: bool = True, eval_only: bool = False) -> common.Splits:
   """Train/val/query/gallery of one 11k aspect for Monte-Carlo `draw`; val does not depend on the draw."""
   return load_layout(root, aspect, INFOS[aspect], draw=draw, seed=seed, images_dir=images_dir,
-                     info_file=info_file, combined_gallery=combined_gallery, check_counts=True)
+                     info_file=info_file, combined_gallery=combined_gallery, check_counts=True,
+                     eval_only=eval_only)
 
 
 def load_layout(root: str, aspect: str, info: common.DatasetInfo, *, draw: int, seed: int, images_dir: str,
-                info_file: str, combined_gallery: bool, check_counts: bool) -> common.Splits:
+                info_file: str, combined_gallery: bool, check_counts: bool, eval_only: bool = False) -> common.Splits:
   """The 11k split of any folder in the 11k layout (the demo hand set too); `check_counts` warns when the
-  counts differ from Table II."""
+  counts differ from Table II. With `eval_only`, query and gallery only: the identity split still reads the
+  whole HandInfo.csv, but the training images need not exist."""
   if aspect not in ASPECTS:
     raise ValueError(f"{info.name}: aspect {aspect!r} is not one of {', '.join(map(repr, ASPECTS))}")
   if draw < 0 or seed < 0:
@@ -101,21 +103,26 @@ def load_layout(root: str, aspect: str, info: common.DatasetInfo, *, draw: int, 
   rows = read_hand_info(info_path)
   key = ASPECTS.index(aspect)
   train_all, test = split_identities(rows, aspect, image_dir)
-  train, val = common.hold_out_val(train_all, seed, key)
   gallery, query = common.draw_gallery(test, seed, draw, key)
   if combined_gallery:
     for other, offset in GALLERY_ID_OFFSETS[aspect].items():
       _, other_test = split_identities(rows, other, image_dir)
       other_gallery, _ = common.draw_gallery(other_test, seed, draw, ASPECTS.index(other))
       gallery += [dataclasses.replace(r, pid=r.pid + offset) for r in other_gallery]
-  splits = {"train": train, "val": val, "query": query, "gallery": gallery}
+  splits = {"query": query, "gallery": gallery}
+  if not eval_only:
+    train, val = common.hold_out_val(train_all, seed, key)
+    splits = {"train": train, "val": val, **splits}
   common.require_images([r for records in splits.values() for r in records], info.name,
                         f"{info_path} (images expected in {image_dir})")
   if check_counts:
     expected = dict(EXPECTED[aspect])
     if combined_gallery:
       expected["gallery"] = EXPECTED_COMBINED_GALLERY
-    common.check_counts(info.name, {"train": train + val, "query": query, "gallery": gallery}, expected)
+    counted = {"query": query, "gallery": gallery}
+    if not eval_only:
+      counted["train"] = splits["train"] + splits["val"]
+    common.check_counts(info.name, counted, expected)
   return splits
 
 

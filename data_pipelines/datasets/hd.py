@@ -37,8 +37,10 @@ def parse_hd_folder(folder: pathlib.Path) -> list[common.Record]:
   return records
 
 
-def load(root: str, draw: int = 0, seed: int = 0, images_dir: str = "Original Images") -> common.Splits:
-  """Train/val/query/gallery of HD for Monte-Carlo `draw`; val does not depend on the draw."""
+def load(root: str, draw: int = 0, seed: int = 0, images_dir: str = "Original Images",
+         eval_only: bool = False) -> common.Splits:
+  """Train/val/query/gallery of HD for Monte-Carlo `draw`; val does not depend on the draw. With
+  `eval_only`, query and gallery only (the same folders are read: test ids share 1-501 with train)."""
   if draw < 0 or seed < 0:
     raise ValueError(f"hd: options draw and seed must be non-negative, got draw={draw}, seed={seed}")
   root = common.absolute_root(root, INFO.name)
@@ -47,9 +49,12 @@ def load(root: str, draw: int = 0, seed: int = 0, images_dir: str = "Original Im
   extra = parse_hd_folder(common.require_dir(root / images_dir / "502-712", root, INFO))
   train_all = [r for r in subjects if r.pid <= LAST_TRAIN_ID]
   test = [r for r in subjects if r.pid > LAST_TRAIN_ID]
-  train, val = common.hold_out_val(train_all, seed, key=0)
   gallery, query = common.draw_gallery(test, seed, draw, key=0)
   gallery += [common.Record(r.path, r.pid + EXTRA_ID_OFFSET, -1) for r in extra]
+  if eval_only:
+    common.check_counts(INFO.name, {"query": query, "gallery": gallery}, EXPECTED)
+    return {"query": query, "gallery": gallery}
+  train, val = common.hold_out_val(train_all, seed, key=0)
   common.check_counts(INFO.name, {"train": train + val, "query": query, "gallery": gallery}, EXPECTED)
   return {"train": train, "val": val, "query": query, "gallery": gallery}
 

@@ -23,22 +23,26 @@ LAYOUT = """\
 SPLIT_FOLDERS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
 
 
-def parse_market_layout(root: pathlib.Path, info: common.DatasetInfo, pattern: re.Pattern,
-                        example: str) -> common.Splits:
-  """Train/query/gallery records of a Market-1501-style folder, train relabelled 0..n-1."""
+def parse_market_layout(root: pathlib.Path, info: common.DatasetInfo, pattern: re.Pattern, example: str, *,
+                        eval_only: bool = False) -> common.Splits:
+  """Train/query/gallery records of a Market-1501-style folder, train relabelled 0..n-1; with `eval_only`
+  query/gallery only (bounding_box_train/ may be absent)."""
   common.require_dir(root, root, info)
   splits = {}
   for split, folder in SPLIT_FOLDERS.items():
+    if eval_only and split == "train":
+      continue
     path = common.require_dir(root / folder, root, info)
     splits[split] = common.parse_image_folder(path, pattern, example, info.name)
-  splits["train"], _ = common.relabel(splits["train"])
+  if not eval_only:
+    splits["train"], _ = common.relabel(splits["train"])
   return splits
 
 
-def load(root: str) -> common.Splits:
+def load(root: str, eval_only: bool = False) -> common.Splits:
   """Market-1501 splits from its original download layout."""
   root = common.absolute_root(root, INFO.name)
-  splits = parse_market_layout(root, INFO, PATTERN, EXAMPLE)
+  splits = parse_market_layout(root, INFO, PATTERN, EXAMPLE, eval_only=eval_only)
   common.check_counts(INFO.name, splits, EXPECTED)
   return splits
 

@@ -42,29 +42,37 @@ def parse_list(list_path: pathlib.Path, image_dir: pathlib.Path) -> list[common.
   return records
 
 
-def _image_folders(root: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+def _image_folders(root: pathlib.Path, eval_only: bool = False) -> tuple[pathlib.Path, pathlib.Path]:
+  """(train, test) image folders of V1 or V2; with `eval_only` the train folder need not exist."""
   for train, test in IMAGE_FOLDERS:
-    if (root / train).is_dir() and (root / test).is_dir():
+    if (eval_only or (root / train).is_dir()) and (root / test).is_dir():
       return root / train, root / test
   train, test = IMAGE_FOLDERS[0]
-  common.require_dir(root / train, root, INFO)
+  if not eval_only:
+    common.require_dir(root / train, root, INFO)
   return root / train, common.require_dir(root / test, root, INFO)
 
 
-def load(root: str, merge_val: bool = False) -> common.Splits:
-  """MSMT17 splits; `merge_val` adds list_val to train (the paper's 32,621) instead of Table I's 30,248."""
+def load(root: str, merge_val: bool = False, eval_only: bool = False) -> common.Splits:
+  """MSMT17 splits; `merge_val` adds list_val to train (the paper's 32,621) instead of Table I's 30,248.
+  With `eval_only`, query and gallery only (no train/ folder, list_train.txt or list_val.txt needed)."""
   root = common.absolute_root(root, INFO.name)
   common.require_dir(root, root, INFO)
-  train_dir, test_dir = _image_folders(root)
+  train_dir, test_dir = _image_folders(root, eval_only)
   lists = {"train": ("list_train.txt", train_dir), "query": ("list_query.txt", test_dir),
            "gallery": ("list_gallery.txt", test_dir)}
-  if merge_val:
+  if eval_only:
+    del lists["train"]
+  elif merge_val:
     lists["val"] = ("list_val.txt", train_dir)
   splits = {}
   for split, (name, image_dir) in lists.items():
     list_path = common.require_file(root / name, root, INFO)
     splits[split] = parse_list(list_path, image_dir)
     common.require_images(splits[split], INFO.name, str(list_path))
+  if eval_only:
+    common.check_counts(INFO.name, splits, EXPECTED)
+    return splits
   if merge_val:
     splits["train"] += splits.pop("val")
   splits["train"], _ = common.relabel(splits["train"])

@@ -1,76 +1,41 @@
-"""Where a model looks: activation maps of every model, LAGA-Net's SAM-RPE and CAM attention, as image grids.
+"""Where a model looks, drawn over its input images as grids (rows: images; columns: input, then one map each).
 
-* Activation maps (torchreid's `visactmap`, Zhou et al. 2019): the channel-wise L2 norm of the last
-  convolutional feature maps, here the output of every final ResNet stage (one per branch: LAGA-Net's four
-  layer4 copies, MGN's three, BoT's and PCB's one).
-* SAM-RPE spatial attention (paper eq. 3): the softmax row of one query position (the centre of the map by
-  default) and the mean over all query positions (how much each position is attended to).
-* CAM channel attention (eq. 1): the channels' mean attention weight applied to the CAM output, |sum_c w_c y_c|.
-
-Every map is upsampled bilinearly to the image and drawn over it; a grid has one row per image and one
-column per map, the input first.
+The maps come from the model's module through the registry (`laga_jax.models.maps_function`): every model's
+activation maps (torchreid's `visactmap`: the channel-wise L2 norm of its final ResNet stages, one per
+branch), and for the models with attention modules (LAGA-Net, MBA-Net) their SAM-RPE attention (paper eq. 3:
+one query position's softmax row, and the mean over queries) and CAM attention (eq. 1). Every map is
+upsampled bilinearly to the image and drawn over it.
 """
 
 import pathlib
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw
 
-from laga_jax.models.attention import CAM, SAMRPE
-from laga_jax.models.resnet import ResNetStage
+from laga_jax import models
 
 _HEADER = 16   # pixels of column titles
 
 
-def _captured(module, method_name: str) -> bool:
-  return method_name == "__call__" and isinstance(module, (ResNetStage, CAM, SAMRPE))
-
-
 def compute_maps(model, variables: dict, images: jax.Array, *, query_position: Optional[Sequence[int]] = None
                  ) -> Dict[str, np.ndarray]:
-  """{name: (B, h, w) float32 map} for NHWC float32 `images` (normalised as for evaluation).
+  """{name: (B, h, w) float32 map} of the built model `model` for NHWC float32 `images` (normalised as for
+  evaluation), from its module's `maps` hook; `query_position` (row, col) of a spatial-attention query on
+  the attention module's own map (default its centre)."""
+  return models.maps_function(model)(model, variables, images, query_position=query_position)
 
-  Names: "act:<stage path>" for each final ResNet stage, "sam:<module>@query" / "sam:<module>@mean" for
-  SAM-RPE modules, "cam:<module>" for CAM modules. `query_position` (row, col) of the SAM query, on the
-  attention module's own map; default its centre.
-  """
-  _, state = model.apply(variables, images, train=False, capture_intermediates=_captured,
-                         mutable=["intermediates"])
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(state["intermediates"]))
-  stage_outputs, attention, cam_outputs = {}, {}, {}
-  for path, value in flat.items():
-    name = "/".join(str(p) for p in path[:-1])
-    value = value[0] if isinstance(value, tuple) else value
-    if path[-1] == "__call__":
-      if value.ndim == 4 and isinstance(value, jax.Array):
-        stage_outputs[name] = value
-    elif path[-1] == "attention":
-      attention[name] = value
-  maps: Dict[str, np.ndarray] = {}
-  # Final stages: the stage outputs with the most channels (layer4 copies), not attention outputs.
-  stages = {n: v for n, v in stage_outputs.items() if n not in attention}
-  widest = max((v.shape[-1] for v in stages.values()), default=0)
-  for name, value in stages.items():
-    if value.shape[-1] == widest:
-      maps[f"act:{name}"] = np.asarray(jnp.linalg.norm(value.astype(jnp.float32), axis=-1))
-  for name, att in attention.items():
-    out = stage_outputs.get(name)
-    if out is None:
-      continue
-    b, h, w, c = out.shape
-    if att.shape[-1] == h * w:          # SAM-RPE: (B, P, P) over positions
-      row, col = query_position if query_position is not None else (h // 2, w // 2)
-      index = min(max(int(row), 0), h - 1) * w + min(max(int(col), 0), w - 1)
-      maps[f"sam:{name}@query"] = np.asarray(att[:, index, :].reshape(b, h, w), np.float32)
-      maps[f"sam:{name}@mean"] = np.asarray(att.mean(axis=1).reshape(b, h, w), np.float32)
-    elif att.shape[-1] == c:            # CAM: (B, C, C) over channels
-      weights = att.mean(axis=1)        # how much each channel is attended to
-      maps[f"cam:{name}"] = np.asarray(jnp.abs(jnp.einsum("bhwc,bc->bhw", out.astype(jnp.float32), weights)))
-  return maps
+
+def parse_position(value: Optional[Sequence]) -> Optional[Tuple[int, int]]:
+  """`--query_position` ("row,col", or its two parts) as (row, col) integers; None stays None."""
+  if value is None:
+    return None
+  parts = [str(v).strip() for v in (value.split(",") if isinstance(value, str) else value)]
+  if len(parts) != 2 or not all(p.lstrip("-").isdecimal() for p in parts):
+    raise ValueError(f"--query_position={','.join(parts)}: expected row,col (two integers on the attention map)")
+  return int(parts[0]), int(parts[1])
 
 
 def _colour(heat: np.ndarray) -> np.ndarray:
@@ -88,47 +53,98 @@ def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarr
   return (alpha * image + (1 - alpha) * _colour(np.clip(up, 0, 1))).astype(np.uint8)
 
 
-def short_name(name: str) -> str:
-  """Column title: "act layer4_global", "sam sam4 @query", ... (the last module names only)."""
+def titles(name: str) -> Tuple[str, str]:
+  """Two title lines of a map column: what it shows, then where ("activation" / "layer4 global";
+  "SAM-RPE sam3" / "query (4, 2)"; "CAM cam4" / "channel attention")."""
   kind, _, path = name.partition(":")
-  parts = path.split("/")
-  module = parts[-1] if parts[-1] not in ("layer4",) or len(parts) == 1 else "/".join(parts[-2:])
-  return f"{kind} {module}".replace("@", " @")
+  path, _, detail = path.partition("@")
+  if "#" in path:                                   # the k-th call of a module called once per branch
+    path, call = path.split("#")
+    path = f"{path} call {call}"
+  parts = [q for q in path.replace("[", "/").replace("]", "").split("/") if q and q != "backbone"]
+  where = " ".join(parts).replace("_", " ")
+  if kind == "sam":
+    if detail.startswith("query="):
+      return f"SAM-RPE {where}", "query ({})".format(detail[len("query="):].replace(",", ", "))
+    return f"SAM-RPE {where}", "mean over queries"
+  if kind == "cam":
+    return f"CAM {where}", "channel attention"
+  return "activation", where
+
+
+def _query_cell(name: str) -> Optional[Tuple[int, int]]:
+  """(row, col) of a SAM-RPE query map's query position, from its name; None for other maps."""
+  _, _, detail = name.partition("@query=")
+  return tuple(int(v) for v in detail.split(",")) if detail else None
+
+
+def _font(size: int):
+  """DejaVu Sans (shipped with matplotlib) at `size` pixels; PIL's bitmap font where it is missing."""
+  from PIL import ImageFont
+  try:
+    from matplotlib import font_manager  # Deferred: only pictures need it.
+    return ImageFont.truetype(font_manager.findfont("DejaVu Sans", fallback_to_default=False), size)
+  except (ImportError, OSError, ValueError):
+    return ImageFont.load_default()
 
 
 def save_grid(path: str, images: np.ndarray, maps: Dict[str, np.ndarray], *, cell_height: int = 192,
               names: Optional[List[str]] = None) -> str:
-  """Write a PNG grid: one row per uint8 image (N, H, W, 3), the input then one overlay per map."""
+  """Write a PNG grid: one row per uint8 image (N, H, W, 3), the input then one overlay per map.
+
+  Two title lines per column (`titles`); a white ring marks the query position on SAM-RPE query maps; a
+  colour bar under the grid says how to read the colours (each map is min-max scaled per image).
+  """
   images = np.asarray(images)
   names = list(maps) if names is None else names
   n, height, width = images.shape[:3]
   scale = cell_height / height
   cell = (int(round(width * scale)), cell_height)
-  # Wide enough for its title: a column is at least 7 px per character of the longest title.
-  col_w = max(cell[0], 7 * max(len(short_name(k)) for k in names) if names else cell[0])
-  grid = Image.new("RGB", ((1 + len(names)) * (col_w + 4), _HEADER + n * (cell[1] + 4)), (255, 255, 255))
+  font, small = _font(13), _font(11)
+  heads = [("input", "")] + [titles(k) for k in names]
+  measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+  text_w = max(measure.textlength(t, font=font) for pair in heads for t in pair if t)
+  col_w = max(cell[0], int(text_w) + 8)            # wide enough for its longest title
+  header, gap, footer = 40, 6, 34
+  grid = Image.new("RGB", ((1 + len(names)) * (col_w + gap) + gap, header + n * (cell[1] + gap) + footer),
+                   (255, 255, 255))
   draw = ImageDraw.Draw(grid)
-  titles = ["input"] + [short_name(k) for k in names]
-  for j, title in enumerate(titles):
-    draw.text((j * (col_w + 4) + 2, 2), title, fill=(0, 0, 0))
+  for j, (first, second) in enumerate(heads):
+    centre = gap + j * (col_w + gap) + col_w / 2
+    draw.text((centre, 4), first, fill=(0, 0, 0), font=font, anchor="ma")
+    draw.text((centre, 21), second, fill=(70, 70, 70), font=font, anchor="ma")
   for i in range(n):
     tiles = [images[i]] + [overlay(images[i], maps[k][i]) for k in names]
+    top = header + i * (cell[1] + gap)
     for j, tile in enumerate(tiles):
-      x = j * (col_w + 4) + (col_w - cell[0]) // 2
-      grid.paste(Image.fromarray(tile).resize(cell, Image.BILINEAR), (x, _HEADER + i * (cell[1] + 4)))
+      left = gap + j * (col_w + gap) + (col_w - cell[0]) // 2
+      grid.paste(Image.fromarray(tile).resize(cell, Image.BILINEAR), (left, top))
+      query = _query_cell(names[j - 1]) if j else None
+      if query is not None:
+        h, w = maps[names[j - 1]].shape[1:]
+        x, y = left + (query[1] + 0.5) * cell[0] / w, top + (query[0] + 0.5) * cell[1] / h
+        radius = max(3, 0.4 * min(cell[0] / w, cell[1] / h))
+        draw.ellipse((x - radius, y - radius, x + radius, y + radius), outline=(255, 255, 255), width=2)
+  # Colour bar: the 'jet' ramp the overlays use, low to high.
+  bar_w, bar_top = min(240, grid.width - 2 * gap - 260), grid.height - footer + 10
+  ramp = _colour(np.tile(np.linspace(0.0, 1.0, bar_w, dtype=np.float32), (12, 1)))
+  grid.paste(Image.fromarray(ramp), (gap + 40, bar_top))
+  draw.text((gap + 36, bar_top + 6), "low", fill=(0, 0, 0), font=small, anchor="rm")
+  draw.text((gap + 44 + bar_w, bar_top + 6), "high   (each map min-max scaled per image; ring = query position)",
+            fill=(0, 0, 0), font=small, anchor="lm")
   pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
   grid.save(path)
   return path
 
 
 def grid_for_records(model, variables: dict, records: Sequence, data_cfg, path: str, *,
-                     num_images: int = 6, seed: int = 0) -> str:
+                     num_images: int = 6, seed: int = 0, query_position: Optional[Sequence[int]] = None) -> str:
   """Maps of `num_images` seeded records (eval preprocessing), saved as a grid PNG at `path`."""
   from data_pipelines import input_pipeline
   rng = np.random.default_rng(seed)
   chosen = [records[i] for i in np.sort(rng.choice(len(records), min(num_images, len(records)), replace=False))]
   batch = next(input_pipeline.eval_batches(chosen, data_cfg, len(chosen)).as_numpy_iterator())
-  maps = compute_maps(model, variables, jnp.asarray(batch["image"]))
+  maps = compute_maps(model, variables, jnp.asarray(batch["image"]), query_position=query_position)
   height, width = data_cfg.image_size
   raw = np.stack([np.asarray(Image.open(r.path).convert("RGB").resize((width, height), Image.BILINEAR))
                   for r in chosen])

@@ -20,12 +20,21 @@ checkpoints and the config checks never name a specific model:
   FINGERPRINT_FIELDS      the `config.model` fields that change the parameters' shapes or meaning.
   validate(model_cfg)     raise `laga_jax.config_utils.ConfigError` naming `--config.model.<field>`.
 
+Optional:
+
+  maps(model, variables, images, *, query_position=None) -> {name: (B, h, w) float32 array}
+                          where the built model looks, for the map grids of `laga_jax.evaluation.maps`:
+                          "act:<module>" activation maps, "sam:<module>@query=<row>,<col>" / "@mean" and
+                          "cam:<module>" attention maps (`laga_jax.models.feature_maps`); `query_position` is
+                          the (row, col) of a spatial-attention query. Without it: the activation maps of the
+                          model's final ResNet stages (`feature_maps.activation_maps`).
+
 Adding a model is one file here with these names, one line in `_MODULES`, and a config.
 """
 
 import importlib
 import types
-from typing import Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 # name -> module path. Imported lazily: a run pays only for the model it uses.
 _MODULES: Dict[str, str] = {
@@ -54,3 +63,22 @@ def get_model(name: str) -> types.ModuleType:
   if missing:
     raise TypeError(f"model module {module.__name__} lacks {', '.join(missing)} (see laga_jax/models/__init__.py)")
   return module
+
+
+def maps_function(model) -> Callable:
+  """The `maps` hook for the built Flax module `model`: the one of the registered model module that defines
+  its class, else the default (activation maps of its final ResNet stages)."""
+  for path in _MODULES.values():
+    if type(model).__module__ == path:
+      hook = getattr(importlib.import_module(path), "maps", None)
+      if hook is not None:
+        return hook
+  from laga_jax.models import feature_maps
+  return feature_maps.activation_maps
+
+
+def torchvision_resnet(depth: int = 50, num_classes: Optional[int] = None):
+  """The torchvision-layout ResNet every model's trunk is built from (not a registered model): what a
+  pretrained ImageNet file is checked against before any model maps it (`laga_jax.weights`)."""
+  from laga_jax.models import resnet
+  return resnet.ResNet(resnet.stage_sizes_for_depth(depth), num_classes=num_classes)

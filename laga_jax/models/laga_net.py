@@ -21,6 +21,7 @@ import ml_collections
 import numpy as np
 
 from laga_jax import weights
+from laga_jax.models import feature_maps
 from laga_jax.models.attention import CAM, SAMRPE
 from laga_jax.models.layers import BatchNorm, canonical_dtype
 from laga_jax.models.resnet import ResNet, ResNetStage, global_avg_pool, stage_sizes_for_depth
@@ -181,6 +182,14 @@ def eval_features(outputs: Dict[str, jax.Array]) -> jax.Array:
   """(B, heads * 2048) retrieval feature: the pooled branch vectors concatenated in head order."""
   pooled = outputs["pooled"]
   return jnp.transpose(pooled, (1, 0, 2)).reshape(pooled.shape[1], -1)
+
+
+def maps(model: LAGANet, variables: Dict[str, Any], images: jax.Array, *,
+         query_position: Optional[Sequence[int]] = None) -> Dict[str, np.ndarray]:
+  """Where LAGA-Net looks (the registry's optional hook): the activation map of every branch's layer4, the
+  SAM-RPE attention of sam3/sam4 (eq. 3; at `query_position` and averaged) and the CAM attention of
+  cam3/cam4 (eq. 1), as `feature_maps.attention_maps` draws them."""
+  return feature_maps.attention_maps(model, variables, images, query_position=query_position)
 
 
 # The ImageNet-pretrained part: the trunk (stem..layer3 under `backbone`) and every layer4 copy. It trains

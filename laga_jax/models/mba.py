@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from laga_jax import config_utils, weights
+from laga_jax.models import feature_maps
 from laga_jax.models.attention import CAM, CAM_ENERGIES, RPE_MODES, SAMRPE
 from laga_jax.models.laga_net import ReductionHead
 from laga_jax.models.layers import canonical_dtype
@@ -166,6 +167,17 @@ def eval_features(outputs: Mapping[str, jax.Array]) -> jax.Array:
   """(B, heads * 2048): the pooled vectors [g, s, c] concatenated, as the reference ranks them."""
   pooled = outputs["pooled"]
   return jnp.transpose(pooled, (1, 0, 2)).reshape(pooled.shape[1], -1)
+
+
+def maps(model: MBANet, variables: Mapping[str, Any], images: jax.Array, *,
+         query_position: Optional[Sequence[int]] = None) -> Dict[str, np.ndarray]:
+  """Where MBA-Net looks (the registry's optional hook): the shared layer4's activation map once per branch it
+  serves (its calls, in `head_names` order), and the SAM-RPE / CAM attention maps (`feature_maps`)."""
+  drawn = feature_maps.attention_maps(model, variables, images, query_position=query_position)
+  calls = {f"act:layer4#{k}": f"act:layer4[{name}]" for k, name in enumerate(model.head_names)}
+  if len(model.head_names) == 1:
+    calls = {"act:layer4": f"act:layer4[{model.head_names[0]}]"}
+  return {calls.get(name, name): value for name, value in drawn.items()}
 
 
 # --- weights ------------------------------------------------------------------------------------------------
