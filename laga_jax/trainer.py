@@ -58,6 +58,11 @@ def _dataset_records(config: ml_collections.ConfigDict, *, eval_only: bool = Fal
   from data_pipelines import image_check
   options = dict(config.data.options.to_dict(), **option_overrides)
   def load():
+    if config.data.get("source", "files") == "tfds":  # the records and their images from the TFRecords alone
+      from data_pipelines.tfds import laga_reid
+      return laga_reid.load_records(str(config.data.get("tfds_dir", "")),
+                                    laga_reid.config_name(config.data.name, options), str(config.data.root or "."),
+                                    eval_only=eval_only)
     splits = datasets.load_splits(config.data.name, config.data.root, eval_only=eval_only, **options)
     # Every image decoded once up front (cached): a bad file stops the run here, not after the training.
     return image_check.check_splits(splits, dataset=config.data.name, root=config.data.root,

@@ -182,6 +182,19 @@ def test_train_and_eval_batches_from_tfds_equal_the_files(demo_tfds, tmp_path):
         np.testing.assert_array_equal(have[key], want[key])
 
 
+def test_the_trainer_takes_its_records_from_the_tfrecords_alone(demo_tfds, tmp_path):
+  """With source "tfds" the splits come from the TFRecords: the dataset folder need not exist."""
+  from laga_jax import trainer
+  config, splits = demo_tfds
+  config = config.copy_and_resolve_references()
+  config.data.root = str(tmp_path / "absent")
+  got = trainer._dataset_records(config)
+  assert sorted(got) == sorted(splits)
+  for split, records in splits.items():
+    assert got[split] == _moved(records, demo_tfds[0].data.root, config.data.root), split
+  assert sorted(trainer._dataset_records(config, eval_only=True)) == ["gallery", "query"]
+
+
 def test_tfds_source_refuses_unknown_images_and_an_unprepared_dir(demo_tfds, tmp_path):
   from data_pipelines import input_pipeline
   from laga_jax import config_utils

@@ -153,6 +153,27 @@ def missing_preparation(data_dir: str, config: str) -> Optional[str]:
           f"--config {config}{source} --data_dir {data_dir or DEFAULT_DATA_DIR}")
 
 
+def load_records(data_dir: str, config: str, root: str, *, eval_only: bool = False) -> dict:
+  """{split: [Record]} of a prepared config, read from its TFRecords alone (the dataset's own folder is not
+  needed): each record's path is `root` joined with the stored relative path, the key under which
+  `encoded_images` finds its bytes, so a bucket or TPU user trains from the TFRecords only."""
+  from data_pipelines.datasets.common import Record
+  missing = missing_preparation(data_dir, config)
+  if missing:
+    raise FileNotFoundError(f"config.data.source='tfds': {missing}")
+  builder = tfds.builder_from_directory(prepared_dir(data_dir, config))
+  base = os.path.dirname(root) if os.path.isfile(root) else root
+  splits = {}
+  for split in builder.info.splits:
+    if eval_only and split not in ("query", "gallery"):
+      continue
+    dataset = builder.as_dataset(split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})
+    splits[split] = [Record(os.path.join(base, e["path"].decode()), int(e["pid"]), int(e["camid"]), int(e["label"]))
+                     for e in dataset.map(lambda e: {k: e[k] for k in ("path", "pid", "camid", "label")})
+                     .as_numpy_iterator()]
+  return splits
+
+
 def encoded_images(data_dir: str, config: str, keys: Sequence[str],
                    identities: Optional[Sequence[tuple]] = None) -> np.ndarray:
   """The stored bytes (the source files' own, see `_info`) of the examples whose `path` feature is each of

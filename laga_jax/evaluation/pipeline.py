@@ -91,12 +91,8 @@ def _score(config, workdir: pathlib.Path, tag: str, feats: np.ndarray, records: 
       rerank=config.eval.rerank, k1=config.eval.rerank_k1, k2=config.eval.rerank_k2,
       lambda_value=config.eval.rerank_lambda)
   per_query = scored.pop("per_query")
-<<<<<<< HEAD
-  if per_query:
-=======
   per_query_file = f"per_query_{tag}.npz" if per_query else None
-  if per_query and jax.process_index() == 0:
->>>>>>> issue910
+  if per_query:
     # Per-query scores of the first draw, so two models can be compared query by query.
     query = draws[0][0]
     np.savez(workdir / per_query_file, paths=np.asarray([records[i].path for i in query]),
@@ -107,13 +103,9 @@ def _score(config, workdir: pathlib.Path, tag: str, feats: np.ndarray, records: 
     results = dict(scored["mean"], std=scored["std"], draws=scored["draws"])
   results["protocol"] = "hand" if camids is None else "body"
   results["num_query"], results["num_gallery"] = len(draws[0][0]), len(draws[0][1])
-<<<<<<< HEAD
-  if config.eval.num_figures > 0:
-=======
   if per_query_file:
     results["per_query_file"] = per_query_file   # beside results.json: AP and first true match per query
-  if config.eval.num_figures > 0 and jax.process_index() == 0:
->>>>>>> issue910
+  if config.eval.num_figures > 0:
     results["figure"] = _save_figure(config, workdir, feats, records, pids, camids, draws[0], tag)
   log.info("%s: rank-1 %.2f%%  mAP %.2f%%  mINP %.2f%%", tag, 100 * results["rank1"], 100 * results["mAP"],
            100 * results["mINP"])
