@@ -26,6 +26,7 @@ Needs the `aot` extras (`pip install -e ".[aot]"`: libtpu and the CUDA PJRT plug
 import argparse
 import dataclasses
 import functools
+import glob
 import importlib.util
 import json
 import math
@@ -41,6 +42,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 # without the CUDA runtime libraries unless its version check is skipped; compiling needs none of them.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+# libtpu takes a machine-wide lock file for the chips it drives; compiling drives none, so several compile
+# runs (a benchmark and the test suite, say) may load it at once.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
@@ -507,6 +511,33 @@ def format_table(rows: List[Dict[str, Any]], searches: Dict[tuple, Dict[str, Any
   return "\n".join(lines)
 
 
+def tables_from(paths: Sequence[str]) -> List[str]:
+  """The tables of several reports merged per config: every compile at a config's own batch (not the search
+  probes), in target, layout, dtype, step order, with the batch searches' results."""
+  if not paths:
+    raise SystemExit("--tables-from: no report matches")
+  order = {name: i for i, name in enumerate(TARGETS)}
+  by_config: Dict[str, Dict[str, Any]] = {}
+  for path in paths:
+    report = json.loads(pathlib.Path(path).read_text())
+    for config in report["configs"]:
+      entry = by_config.setdefault(config["config"], dict(config=config, rows={}, searches={}))
+      for r in report["results"]:  # a cell compiled again in a later report replaces the earlier one
+        if r.get("config") == config["config"] and not r.get("probe"):
+          entry["rows"][(r["target"], r["layout"], r["dtype"], r["step"], r.get("parallel"), r["batch"])] = r
+      for search in report.get("max_batch", []):
+        if search.get("config") == config["config"]:
+          entry["searches"][(search["target"], search["layout"], search["dtype"], "train", "shard_map")] = search
+  tables = []
+  for spec, entry in by_config.items():
+    c = entry["config"]
+    rows = sorted(entry["rows"].values(), key=lambda r: (order.get(r["target"], 99), r["layout"] != "single", r["dtype"],
+                                                r["step"], r.get("parallel") or ""))
+    tables.append(f"{spec} ({c['num_classes']} classes, {c['image_size'][0]}×{c['image_size'][1]}, "
+                  f"P×K = {c['p']}×{c['k']}):\n\n" + format_table(rows, entry["searches"], c["k"]))
+  return tables
+
+
 def versions() -> Dict[str, Optional[str]]:
   from importlib import metadata
   out = {"python": platform.python_version()}
@@ -657,6 +688,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       help="classifier width (default: the dataset's training identities)")
   parser.add_argument("--out", default="", help="write the JSON report here")
   parser.add_argument("--list-targets", action="store_true", help="print the targets and exit")
+  parser.add_argument("--tables-from", default="", metavar="JSON[,JSON...]",
+                      help="compile nothing: print one table per config from earlier reports (the runs of one "
+                           "matrix split into several commands, e.g. benchmarks/results/aot_market*.json)")
   args = parser.parse_args(argv)
   args.argv = list(argv) if argv is not None else None
   return args
@@ -670,6 +704,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
       ready = status[t.platform] or "ready"
       print(f"{t.name:8s} {t.description:40s} single {t.single:9s} dp {t.data_parallel:9s} "
             f"{t.memory_bytes / GIB:6.2f} GiB  {ready}")
+    return
+  if args.tables_from:
+    for table in tables_from(sorted(p for spec in args.tables_from.split(",") for p in glob.glob(spec.strip()))):
+      print("\n" + table)
+    print("\n" + PEAK_NOTE)
     return
   report = run(args)
   for table in report["tables"]:

@@ -56,6 +56,40 @@ def export_stablehlo(serve: Callable, image_size: Sequence[int], path: pathlib.P
   return exported
 
 
+@contextlib.contextmanager
+def _stablehlo_tensorflow_reads():
+  """Inside: jax.export writes its StableHLO at the oldest version with StableHLO's widest compatibility.
+
+  jax writes StableHLO of a version at most four weeks old, which a TensorFlow older than the jax cannot
+  always read: jax 0.12 writes 1.18 and TensorFlow 2.21's `XlaCallModule` fails on it ("unsupported
+  version"). The same module at the most compatible version is read by both. `jax.export` offers no
+  option for it, so its (private) serialiser is wrapped for the duration; where that changes in a jax
+  release, the default is kept (and the SavedModel check below reports a mismatch).
+  """
+  try:
+    from jax._src import xla_bridge
+    from jax._src.export import _export
+    from jax._src.lib import _jax
+    from jax._src.lib.mlir.dialects import hlo
+    original = _export._module_to_bytecode
+    version = hlo.get_version_from_compatibility_requirement(hlo.StablehloCompatibilityRequirement.MAX)
+  except (ImportError, AttributeError):
+    yield
+    return
+
+  def to_bytecode(module):
+    try:
+      return _jax.mlir.serialize_portable_artifact(module, version, xla_bridge.get_backend().serialize_with_sdy)
+    except Exception:  # noqa: BLE001 - a feature the old version cannot express: jax's own choice
+      return original(module)
+
+  _export._module_to_bytecode = to_bytecode
+  try:
+    yield
+  finally:
+    _export._module_to_bytecode = original
+
+
 def export_saved_model(feature_fn: Callable, variables: Any, image_size: Sequence[int], path: pathlib.Path,
                        platforms: Sequence[str] = PLATFORMS) -> None:
   """A TensorFlow SavedModel whose `serving_default` maps `images` to `features`; the parameters are
@@ -82,7 +116,8 @@ def export_saved_model(feature_fn: Callable, variables: Any, image_size: Sequenc
   module.serving_default = serving_default
   if path.exists():
     shutil.rmtree(path)
-  tf.saved_model.save(module, str(path), signatures={"serving_default": serving_default})
+  with _stablehlo_tensorflow_reads():  # the module is serialised when the function is traced for saving
+    tf.saved_model.save(module, str(path), signatures={"serving_default": serving_default})
 
 
 def onnx_available() -> Optional[str]:

@@ -134,29 +134,35 @@ def _assert_same_run(workdir: pathlib.Path, reference: pathlib.Path) -> None:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> pathlib.Path:
-  """The demo data's folder; the first job to use it generates it."""
-  return tmp_path_factory.mktemp("distributed_data") / "demo"
+  """The demo data (generated here, so that jobs started together never race to write it)."""
+  from data_pipelines import demo
+  return demo.generate_demo_dataset(tmp_path_factory.mktemp("distributed_data") / "demo")
 
 
 @pytest.fixture(scope="module")
 def references(tmp_path_factory, data):
   """parallel mode -> the workdir of one process with two devices: the run every multi-process variant of
-  that mode must reproduce (made on first use, once per mode)."""
+  that mode must reproduce. Both are made on first use, at the same time (each compiles on one core)."""
   made = {}
 
   def reference(parallel: str) -> pathlib.Path:
-    if parallel not in made:
-      workdir = tmp_path_factory.mktemp(f"one_process_{parallel}") / "run"
-      _run(workdir, data, processes=1, parallel=parallel)
-      made[parallel] = workdir
+    if not made:
+      workdirs = {mode: tmp_path_factory.mktemp(f"one_process_{mode}") / "run" for mode in ("shard_map", "pmap")}
+      procs = {mode: _start(w, data, processes=1, parallel=mode) for mode, w in workdirs.items()}
+      deadline = time.monotonic() + TIMEOUT
+      for mode, workdir in workdirs.items():
+        (code, _, stderr), = _finish(procs[mode], deadline)
+        assert code == 0, stderr[-3000:]
+        made[mode] = workdir
     return made[parallel]
   return reference
 
 
-def test_sigterm_stops_two_processes_at_one_step_and_the_rerun_equals_one_process(tmp_path, data, references):
-  """Two processes (shard_map), process 0 generating the demo data that process 1 waits for; SIGTERM to
-  process 1 mid-run; the same command again; then the same as one process with two devices, uninterrupted."""
-  workdir = tmp_path / "run"
+def test_sigterm_stops_two_processes_at_one_step_and_the_rerun_equals_one_process(tmp_path, references):
+  """Two processes (shard_map) on a fresh data folder, which process 0 generates while process 1 waits;
+  SIGTERM to process 1 mid-run; the same command again; then the same as one process with two devices
+  (on the same, deterministically generated, data), uninterrupted."""
+  workdir, data = tmp_path / "run", tmp_path / "demo"
   done = _terminated(workdir, data, processes=2, signal_process=1)
   for code, _, stderr in done:
     assert code == safeguards.EXIT_PREEMPTED, stderr[-3000:]
