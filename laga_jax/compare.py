@@ -295,8 +295,9 @@ def write_markdown(path: pathlib.Path, rows: List[dict], targets: Sequence[str],
   path.write_text("\n".join(lines) + "\n")
 
 
-def write_plot(path: pathlib.Path, rows: List[dict], dataset: str) -> None:
-  """Grouped bars of rank-1 / mAP / mINP per model, and mAP against GFLOPs per image."""
+def write_plot(path: pathlib.Path, rows: List[dict], targets: Sequence[str]) -> None:
+  """Grouped bars of rank-1 / mAP / mINP per model on the first target (a black tick: the untrained model's
+  mAP), and mAP against GFLOPs per image: filled dots on the first target, open markers on the others."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -308,24 +309,40 @@ def write_plot(path: pathlib.Path, rows: List[dict], dataset: str) -> None:
     values = [100 * row["metrics"][key] for row in rows]
     drawn = bars.bar(x + (i - 1) * width, values, width, label={"rank1": "rank-1"}.get(key, key))
     bars.bar_label(drawn, fmt="%.1f", fontsize=7, padding=1)
+  untrained = [(j, 100 * row["untrained"]["mAP"]) for j, row in enumerate(rows)
+               if row.get("untrained", {}).get("mAP") is not None]
+  if untrained:
+    bars.hlines([v for _, v in untrained], [j - 0.5 * width for j, _ in untrained],
+                [j + 0.5 * width for j, _ in untrained], colors="black", linewidth=2, label="untrained mAP")
   bars.set_xticks(x, labels)
   bars.set_ylabel("%")
   bars.set_ylim(0, 105)
-  bars.set_title(f"Accuracy on {dataset}")
-  bars.legend(loc="upper right", fontsize=8, ncols=3)
+  bars.set_title(f"Accuracy on {targets[0]}")
+  bars.legend(loc="upper right", fontsize=8, ncols=2)
+  # One neutral colour per point: the bar colours mean metrics, not models.
+  markers = ("s", "^", "D", "v", "P")
   for row in rows:
-    scatter.scatter(row["gflops"], 100 * row["metrics"]["mAP"], s=40)
-    scatter.annotate(row["label"], (row["gflops"], 100 * row["metrics"]["mAP"]), textcoords="offset points",
-                     xytext=(5, 4), fontsize=9)
+    point = (row["gflops"], 100 * row["metrics"]["mAP"])
+    scatter.scatter(*point, s=40, color="#333333", zorder=3)
+    scatter.annotate(row["label"], point, textcoords="offset points", xytext=(6, 4), fontsize=9)
+    for k, target in enumerate(targets[1:]):
+      value = row["targets"].get(target, {}).get("mAP")
+      if value is not None:
+        scatter.plot([point[0], point[0]], [point[1], 100 * value], color="#bbbbbb", linewidth=0.8, zorder=1)
+        scatter.scatter(point[0], 100 * value, s=40, facecolors="white", edgecolors="#333333",
+                        marker=markers[k % len(markers)], zorder=3)
+  handles = [plt.Line2D([], [], marker="o", linestyle="", color="#333333", label=targets[0])]
+  handles += [plt.Line2D([], [], marker=markers[k % len(markers)], linestyle="", markerfacecolor="white",
+                         markeredgecolor="#333333", label=f"{t} (cross-dataset)") for k, t in enumerate(targets[1:])]
+  scatter.legend(handles=handles, loc="center right", fontsize=8)
   scatter.set_xlabel("GFLOPs per image (eval forward, XLA cost analysis)")
   scatter.set_ylabel("mAP (%)")
-  scatter.set_title("Accuracy against cost")
+  scatter.set_title("mAP against cost")
   scatter.grid(alpha=0.3)
-  low = min(100 * r["metrics"]["mAP"] for r in rows)
-  high = max(100 * r["metrics"]["mAP"] for r in rows)
-  scatter.set_ylim(max(0, low - 10), min(100, high + 10))
-  gmax = max(r["gflops"] for r in rows)
-  scatter.set_xlim(0, gmax * 1.35)
+  values = [100 * r["metrics"]["mAP"] for r in rows]
+  values += [100 * b["mAP"] for r in rows for t, b in r["targets"].items() if t in targets[1:] and b.get("mAP")]
+  scatter.set_ylim(max(0, min(values) - 10), min(100, max(values) + 10))
+  scatter.set_xlim(0, max(r["gflops"] for r in rows) * 1.35)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -399,7 +416,7 @@ def compare(specs: Sequence[str], out: str, *, eval_datasets: str = "", override
              "query_by_query": pairs}
   (out_dir / "comparison.json").write_text(json.dumps(summary, indent=2))
   write_markdown(out_dir / "comparison.md", rows, targets, pairs, machine)
-  write_plot(out_dir / "comparison.png", rows, dataset)
+  write_plot(out_dir / "comparison.png", rows, targets)
   print((out_dir / "comparison.md").read_text())
   return summary
 

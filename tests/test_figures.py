@@ -72,3 +72,22 @@ def test_bad_ranked_indices_are_named(tmp_path, images):
   with pytest.raises(ValueError, match="ranked_indices"):
     figures.save_ranked_results(str(tmp_path / "x.png"), images, images, np.zeros((2, 2), int),
                                 np.zeros(6), np.zeros(6), topk=3)
+
+
+def test_map_grid_titles_and_one_map(tmp_path):
+  """Map grids: two title lines per column, and a grid of a single map (BoT, PCB) is drawn whole."""
+  from PIL import Image
+  from laga_jax.evaluation import maps
+  assert maps.titles("act:layer4_global") == ("activation", "layer4 global")
+  assert maps.titles("act:backbone/layer4") == ("activation", "layer4")
+  assert maps.titles("act:layer4[spatial]") == ("activation", "layer4 spatial")
+  assert maps.titles("sam:sam3@query=4,2") == ("SAM-RPE sam3", "query (4, 2)")
+  assert maps.titles("sam:sam4@mean") == ("SAM-RPE sam4", "mean over queries")
+  assert maps.titles("cam:cam3") == ("CAM cam3", "channel attention")
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 255, (2, 128, 64, 3), dtype=np.uint8)
+  path = maps.save_grid(str(tmp_path / "one.png"), images, {"act:backbone/layer4": rng.random((2, 8, 4))},
+                        cell_height=128)
+  grid = np.asarray(Image.open(path))
+  assert grid.shape[0] == 40 + 2 * (128 + 6) + 48
+  assert grid.shape[1] >= 200   # widened for the colour bar's note, which two 64-px columns would cut

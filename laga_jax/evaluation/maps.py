@@ -105,9 +105,11 @@ def save_grid(path: str, images: np.ndarray, maps: Dict[str, np.ndarray], *, cel
   measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
   text_w = max(measure.textlength(t, font=font) for pair in heads for t in pair if t)
   col_w = max(cell[0], int(text_w) + 8)            # wide enough for its longest title
-  header, gap, footer = 40, 6, 34
-  grid = Image.new("RGB", ((1 + len(names)) * (col_w + gap) + gap, header + n * (cell[1] + gap) + footer),
-                   (255, 255, 255))
+  header, gap, footer = 40, 6, 48
+  note = "each map min-max scaled per image" + ("; ring: query position" if any(map(_query_cell, names)) else "")
+  # At least as wide as the colour bar's note, so that a one-map grid (BoT, PCB) still reads.
+  width_px = max((1 + len(names)) * (col_w + gap) + gap, int(measure.textlength(note, font=small)) + 2 * gap + 8)
+  grid = Image.new("RGB", (width_px, header + n * (cell[1] + gap) + footer), (255, 255, 255))
   draw = ImageDraw.Draw(grid)
   for j, (first, second) in enumerate(heads):
     centre = gap + j * (col_w + gap) + col_w / 2
@@ -125,13 +127,14 @@ def save_grid(path: str, images: np.ndarray, maps: Dict[str, np.ndarray], *, cel
         x, y = left + (query[1] + 0.5) * cell[0] / w, top + (query[0] + 0.5) * cell[1] / h
         radius = max(3, 0.4 * min(cell[0] / w, cell[1] / h))
         draw.ellipse((x - radius, y - radius, x + radius, y + radius), outline=(255, 255, 255), width=2)
-  # Colour bar: the 'jet' ramp the overlays use, low to high.
-  bar_w, bar_top = min(240, grid.width - 2 * gap - 260), grid.height - footer + 10
+  # Colour bar: the 'jet' ramp the overlays use, low to high, and how to read it below.
+  bar_left, bar_top = gap + 34, grid.height - footer + 8
+  bar_w = max(60, min(240, grid.width - bar_left - 40))
   ramp = _colour(np.tile(np.linspace(0.0, 1.0, bar_w, dtype=np.float32), (12, 1)))
-  grid.paste(Image.fromarray(ramp), (gap + 40, bar_top))
-  draw.text((gap + 36, bar_top + 6), "low", fill=(0, 0, 0), font=small, anchor="rm")
-  draw.text((gap + 44 + bar_w, bar_top + 6), "high   (each map min-max scaled per image; ring = query position)",
-            fill=(0, 0, 0), font=small, anchor="lm")
+  grid.paste(Image.fromarray(ramp), (bar_left, bar_top))
+  draw.text((bar_left - 4, bar_top + 6), "low", fill=(0, 0, 0), font=small, anchor="rm")
+  draw.text((bar_left + bar_w + 4, bar_top + 6), "high", fill=(0, 0, 0), font=small, anchor="lm")
+  draw.text((gap, bar_top + 18), note, fill=(70, 70, 70), font=small)
   pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
   grid.save(path)
   return path
