@@ -103,7 +103,7 @@ def _demo(config: ml_collections.ConfigDict) -> None:
   Same code path (BNNeck, LS-CE + triplet + center loss with the centers' own SGD, Adam + warm-up + steps);
   one block per stage, base width 16 (a 512-d feature), 128 x 64 images (the 10-pixel translation scaled to
   5). No pretrained backbone, so a higher rate than the reference's fine-tuning rate, smaller batches (more
-  steps per epoch on 360 training images) and a short schedule.
+  steps per epoch on 480 training images) and a short schedule.
   """
   config.model.stage_sizes = (1, 1, 1, 1)
   config.model.width = 16

@@ -118,7 +118,7 @@ def test_default_dataset_is_fast_and_cli_reuses_it(tmp_path, capsys):
   elapsed = time.perf_counter() - start
   # About 3 s here; the bound leaves room for a machine shared with other jobs.
   assert elapsed < 20, f"generating the default demo dataset took {elapsed:.1f} s"
-  assert "'bounding_box_train': 360" in capsys.readouterr().out
+  assert "'bounding_box_train': 480" in capsys.readouterr().out
   start = time.perf_counter()
   demo.main(["--root", str(tmp_path)])
   assert time.perf_counter() - start < 1.0
