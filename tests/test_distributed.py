@@ -25,7 +25,7 @@ from laga_jax import checkpoint as checkpoint_lib
 from laga_jax import safeguards
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-STEPS_PER_EPOCH, EPOCHS = 30, 2
+STEPS_PER_EPOCH, EPOCHS = 10, 2
 TOTAL = STEPS_PER_EPOCH * EPOCHS
 # The demo's LAGA-Net (four branches, six heads, CE + triplet) at 64×32 and width 8, P×K = 4×2 (4 images per
 # process), two epochs with a checkpoint at the first epoch's end, evaluated without figures.

@@ -126,7 +126,9 @@ def test_eval_needs_no_training_split(demo_run, tmp_path):
   for name in ("demo", "custom"):
     block = results["targets"][name]
     assert block["num_query"] == trained["num_query"] and block["num_gallery"] == trained["num_gallery"], name
-    assert block["rank1"] == pytest.approx(trained["rank1"]) and block["mAP"] == pytest.approx(trained["mAP"])
+    # Another image order puts images in other eval batches, whose features agree only to float rounding.
+    assert block["rank1"] == pytest.approx(trained["rank1"], rel=1e-4), name
+    assert block["mAP"] == pytest.approx(trained["mAP"], rel=1e-4), name
   assert results["per_query_file"] == "per_query_final_demo.npz" and (run / "per_query_final_demo.npz").exists()
 
 
