@@ -231,6 +231,7 @@ def save_run(path: pathlib.Path, run: Mapping) -> None:
   for which in ("initial", "final"):
     arrays.update({f"{which}/{k}": v for k, v in run[which].items()})
   arrays["info"] = np.asarray(run["info"])
+  pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
   np.savez(path, **arrays)
 
 
