@@ -44,14 +44,28 @@ def loss_config() -> ml_collections.ConfigDict:
   return loss
 
 
+def reference_schedule(lr: float, warmup_factor: float, warmup_iters: int, steps, gamma: float) -> dict:
+  """The reference's `WarmupMultiStepLR(warmup_method="linear")`, stepped once per epoch, as `optim` fields.
+
+  The reference steps its scheduler at the start of every epoch, after the constructor's own step, so epoch
+  e (0-based) runs at the scheduler's epoch t = e + 1: lr x (f + (1 - f) t / W) x gamma^#{s in steps: s <= t}
+  while t < W (f = warmup_factor, W = warmup_iters), the same without the warm-up factor after. In this
+  project's schedule (linear from warmup_start_lr at e = 0 to lr at e = warmup_epochs, x decay_factor at each
+  of decay_epochs) that is warm-up over W - 1 epochs from lr (f + (1 - f) / W) and decays at each s - 1.
+  """
+  if warmup_iters < 1 or any(s < warmup_iters for s in steps):
+    raise ValueError(f"warmup_iters={warmup_iters}, steps={tuple(steps)}: expected no decay before the warm-up ends")
+  return {"lr": lr, "schedule": "warmup_multistep", "warmup_epochs": warmup_iters - 1,
+          "warmup_start_lr": lr * (warmup_factor + (1.0 - warmup_factor) / warmup_iters),
+          "decay_epochs": tuple(s - 1 for s in steps), "decay_factor": gamma}
+
+
 def optim_config() -> ml_collections.ConfigDict:
   """torch.optim.Adam(lr 3.5e-4, weight_decay 5e-4) and the reference's WarmupMultiStepLR, per epoch.
 
-  The reference steps its scheduler at the start of every epoch, after the constructor's own step, so epoch
-  e (0-based) runs at the scheduler's epoch e + 1: lr x (0.01 + 0.99 (e + 1) / 10) for e < 9, then lr, x0.1
-  from e = 39 and x0.01 from e = 69. In this schedule's terms (linear from warmup_start_lr at e = 0 to lr at
-  e = warmup_epochs) that is exactly warm-up 9 epochs from 0.109 lr and decays at 39 and 69. (The paper's
-  eq. for the same schedule: from 3.5e-5 and decays after epochs 40 and 70, i.e. decay_epochs (40, 70).)
+  BASE_LR 3.5e-4, WARMUP_FACTOR 0.01, WARMUP_ITERS 10, STEPS (40, 70), GAMMA 0.1 (`reference_schedule`):
+  warm-up over 9 epochs from 0.109 lr, then lr, x0.1 from epoch 39 and x0.01 from epoch 69 (0-based). (The
+  paper's eq. for the same schedule: from 3.5e-5 and decays after epochs 40 and 70.)
   """
   optim = ml_collections.ConfigDict()
   optim.name = "adam"
@@ -62,11 +76,7 @@ def optim_config() -> ml_collections.ConfigDict:
   optim.eps = 1e-8
   optim.momentum = 0.9        # sgd only
   optim.nesterov = False      # sgd only
-  optim.schedule = "warmup_multistep"
-  optim.warmup_epochs = 9
-  optim.warmup_start_lr = 0.109 * 3.5e-4
-  optim.decay_epochs = (39, 69)
-  optim.decay_factor = 0.1
+  optim.update(reference_schedule(3.5e-4, warmup_factor=0.01, warmup_iters=10, steps=(40, 70), gamma=0.1))
   optim.min_lr = 0.0          # warmup_cosine only
   # One rate for everything (BIAS_LR_FACTOR = 1, no backbone multiplier); "backbone" = bot.BACKBONE_PATTERN.
   optim.param_groups = ((".*", 1.0),)

@@ -187,7 +187,12 @@ def create_state(exp: Experiment) -> train_lib.TrainState:
 
 def _average(metrics: list) -> dict:
   stacked = jax.device_get(metrics)
-  return {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+  return {k: float(np.mean([np.mean(m[k]) for m in stacked])) for k in stacked[0]}
+
+
+def _host_metrics(metrics: list) -> list:
+  """Per-step metrics as JSON-ready floats."""
+  return [{k: float(np.mean(v)) for k, v in m.items()} for m in jax.device_get(metrics)]
 
 
 def validation_accuracy(exp: Experiment, state: train_lib.TrainState, val_step) -> Optional[float]:
@@ -238,14 +243,17 @@ def train(exp: Experiment, state: train_lib.TrainState, checkpointer: checkpoint
   images_per_step = config.data.p * config.data.k
   bar = ProgressBar(exp.total_steps, images_per_step=images_per_step, initial=step,
                     enabled=parallel.is_main_process())
-  pending = []
+  # A stop between two log lines carries the steps since the last line over, so the next line averages the
+  # same steps as an uninterrupted run's.
+  pending = list(meta.get("pending_metrics", [])) if meta.get("step") == step else []
   guard = safeguards.FiniteGuard(lambda: safeguards.last_checkpoint(checkpointer))
 
   def stop_here(reason: str):  # Ctrl-C or SIGTERM: save this step's state and stop, resumable exactly
     guard.flush()
     if checkpointer.latest_step() != step:
       checkpointer.save(step, dp.to_global(state.checkpoint_tree()),
-                        {"epoch": step // exp.steps_per_epoch, "best_val_accuracy": best_accuracy})
+                        {"epoch": step // exp.steps_per_epoch, "best_val_accuracy": best_accuracy,
+                         "pending_metrics": _host_metrics(pending)})
     saved = f"saved {safeguards.last_checkpoint(checkpointer)} of {exp.total_steps}; run the same command to resume"
     if reason == "preempt":
       processes = f" on all {jax.process_count()} processes" if jax.process_count() > 1 else ""

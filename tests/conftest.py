@@ -7,11 +7,21 @@ on a CPU-only machine; single-device code is unaffected.
 import os
 import pathlib
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+# XLA's LLVM back-end at -O0 for every program the suite compiles in its own processes. The
+# suite's programs are tiny, so compiling them is most of its time, and -O0 about halves that. The HLO
+# passes, the libraries that run the dots and convolutions and the float semantics (no fast-math at any
+# level) stay as they are, so every numerical check means what it says.
+SUITE_XLA_FLAGS = "--xla_backend_optimization_level=0"
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=2 {SUITE_XLA_FLAGS}")
+# ... but not in the run.py subprocesses: they evaluate hundreds of images, and unoptimised element-wise code
+# costs them more than -O0 saves in compiling (a tiny demo job: 77 s at -O0, 52 s at the default).
+RUN_PY_XLA_FLAGS = ""
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The `run.py` subprocesses of the suite (the demo, resume, eval, export and multi-process jobs) compile the
-# same programs again and again: a compilation cache for this session lets the later ones load them.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+# same programs again and again: a compilation cache for this session lets the later ones load them. Under
+# pytest-xdist the controller makes it before it starts the workers, which inherit it; only the controller,
+# which outlives them, removes it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ and "PYTEST_XDIST_WORKER" not in os.environ:
   import atexit
   import shutil
   import tempfile
@@ -53,7 +63,7 @@ def run_py(*args, timeout: int = 900):
   """`python run.py *args` from the checkout on one CPU device; the CompletedProcess (text)."""
   import subprocess
   import sys
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=RUN_PY_XLA_FLAGS, JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, str(ROOT / "run.py"), *map(str, args)], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
 
@@ -74,3 +84,37 @@ def trained_extractor(trained_run):
   """`FeatureExtractor.from_workdir` of the trained run (compiled once per session)."""
   from laga_jax.inference import FeatureExtractor
   return FeatureExtractor.from_workdir(trained_run[0])
+
+
+# --- scheduling on two workers (pytest-xdist; pytest.ini sets `-n 2 --no-loadscope-reorder`) ---------------
+
+# Files that share the session's tiny trained run: one worker builds it once for all of them.
+_TRAINED_RUN_FILES = ("test_export.py", "test_index.py", "test_inference.py")
+# The longest work units (run.py subprocesses, multi-process jobs), started first so the workers end together.
+_LONGEST_FIRST = ("test_distributed.py", "test_run.py", "trained_run", "test_hand_protocol_run.py",
+                  "test_models.py", "test_train.py")
+
+
+def _unit(nodeid: str) -> str:
+  """A test's work unit: its file (whose module fixtures are then built once), or "trained_run"."""
+  name = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+  return "trained_run" if name in _TRAINED_RUN_FILES else name
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+  """xdist's per-scope scheduler with `_unit` as the scope. (`--dist loadgroup` would do it with marks, but
+  xdist 3.8 cannot rename the tests of pytest >= 9.2, so its groups are ignored there.)"""
+  from xdist.scheduler import LoadScopeScheduling
+
+  class UnitScheduling(LoadScopeScheduling):
+    def _split_scope(self, nodeid: str) -> str:
+      return _unit(nodeid)
+
+  return UnitScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+  """The longest units first; `--no-loadscope-reorder` keeps this order when the units are handed out."""
+  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(_unit(item.nodeid), len(rank)))   # stable: order within a unit kept

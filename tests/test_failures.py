@@ -19,12 +19,13 @@ import pytest
 from configs import demo
 from laga_jax import checkpoint as checkpoint_lib
 from laga_jax import cli_errors, safeguards, trainer
+from conftest import RUN_PY_XLA_FLAGS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _run(*args, timeout=600):
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=RUN_PY_XLA_FLAGS, JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=timeout)
 
@@ -106,6 +107,7 @@ def test_ctrl_c_finishes_the_step_saves_and_says_where(demo_root, tmp_path, fake
         time.sleep(0.01)
 
   fake_steps["on_step"] = press_ctrl_c
+  fake_steps["losses"] = [float(i) for i in range(1, 10)]
   handler = signal.getsignal(signal.SIGINT)
   with pytest.raises(safeguards.TrainingInterrupted) as info:
     trainer.train_and_evaluate(_config(demo_root), str(tmp_path))
@@ -118,6 +120,9 @@ def test_ctrl_c_finishes_the_step_saves_and_says_where(demo_root, tmp_path, fake
   fake_steps["on_step"] = None
   trainer.train_and_evaluate(_config(demo_root), str(tmp_path))  # resumes at step 5 and finishes
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["6", "9"]
+  # The line at step 6 averages steps 4-6, as without the interruption: steps 4 and 5 came with the checkpoint.
+  lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert {m["step"]: m["loss"] for m in lines if "loss" in m} == {3: 2.0, 6: 5.0, 9: 8.0}
 
 
 def test_resume_past_a_damaged_checkpoint(demo_root, tmp_path, fake_steps, caplog):

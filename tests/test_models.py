@@ -1,6 +1,7 @@
 """The model registry: every registered model follows the contract, learns a fixed batch through the real train
 step, and no module outside `laga_jax/models/` names a specific model."""
 
+import functools
 import pathlib
 import re
 
@@ -64,9 +65,7 @@ def test_every_model_has_maps():
   images = jnp.asarray(np.random.default_rng(0).standard_normal((2,) + IMAGE + (3,)), jnp.float32)
   drawn = {}
   for name in models.names():
-    config = _tiny_config(name)
-    model = models.get_model(name).build(config.model, NUM_CLASSES)
-    variables = jax.jit(lambda r: model.init(r, images[:1], train=False))(jax.random.PRNGKey(0))
+    model, variables = _initialised(name)
     drawn[name] = models.maps_function(model)(model, variables, images)
     assert sorted(k.split(":")[0] for k in drawn[name]) == expected[name], (name, sorted(drawn[name]))
     assert all(v.shape[0] == 2 and v.ndim == 3 and np.isfinite(v).all() for v in drawn[name].values()), name
@@ -74,8 +73,7 @@ def test_every_model_has_maps():
       "act:layer4[global]", "act:layer4[spatial]", "act:layer4[channel]"]
   assert sorted(drawn["mgn"]) == ["act:p1/layer4", "act:p2/layer4", "act:p3/layer4"]
   # A chosen SAM-RPE query changes that map only; one outside the map is named with the map's size.
-  model = models.get_model("laga").build(_tiny_config("laga").model, NUM_CLASSES)
-  variables = jax.jit(lambda r: model.init(r, images[:1], train=False))(jax.random.PRNGKey(0))
+  model, variables = _initialised("laga")
   corner = models.maps_function(model)(model, variables, images, query_position=(0, 0))
   centre = {k.split("=")[0]: v for k, v in drawn["laga"].items()}   # default query: the centre, (2, 1)
   assert sorted(k for k in corner if "@query" in k) == ["sam:sam3@query=0,0", "sam:sam4@query=0,0"]
@@ -101,17 +99,25 @@ def _tiny_config(name: str):
   return config
 
 
+@functools.lru_cache(maxsize=None)
+def _initialised(name: str):
+  """(model, initial variables) of the tiny `name`, initialised once for this file: compiling a model's init
+  costs several seconds, more than running it."""
+  model = models.get_model(name).build(_tiny_config(name).model, NUM_CLASSES)
+  images = jnp.zeros((1,) + IMAGE + (3,), jnp.float32)
+  return model, jax.jit(lambda r: model.init(r, images, train=False))(jax.random.PRNGKey(0))
+
+
 @pytest.mark.parametrize("name", models.names())
 def test_every_model_learns_a_fixed_batch(name):
   """Six steps of the real train step (the model's own losses and optimiser groups) lower its loss."""
   config = _tiny_config(name)
   config_utils.validate_config(config)
   module = models.get_model(name)
-  model = module.build(config.model, NUM_CLASSES)
+  model, variables = _initialised(name)
   rng = np.random.default_rng(0)
   batch = {"image": jnp.asarray(rng.standard_normal((8,) + IMAGE + (3,)), jnp.float32),
            "label": jnp.asarray(np.repeat(np.arange(NUM_CLASSES), 2), jnp.int32)}
-  variables = jax.jit(lambda r: model.init(r, batch["image"][:1], train=False))(jax.random.PRNGKey(0))
   variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
   outputs = jax.eval_shape(lambda v: model.apply(v, batch["image"], train=False), variables)
   assert outputs["logits"].shape[1:] == (8, NUM_CLASSES)

@@ -53,8 +53,9 @@ class ResNet(nn.Module):
   """torchvision's Bottleneck ResNet with a base width: stem, `num_stages` stages, optional fc."""
 
   def __init__(self, stage_sizes: Sequence[int], width: int = 64, last_stride: int = 2, num_stages: int = 4,
-               num_classes: Optional[int] = None):
+               num_classes: Optional[int] = None, stem_relu: bool = True):
     super().__init__()
+    self.stem_relu = stem_relu  # False: BoT's reference ResNet, whose stem has no ReLU before the max-pool
     self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
     self.bn1 = nn.BatchNorm2d(width)
     self.relu = nn.ReLU(inplace=True)
@@ -69,7 +70,8 @@ class ResNet(nn.Module):
     torchvision_init(self)
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
-    x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+    x = self.bn1(self.conv1(x))
+    x = self.maxpool(self.relu(x) if self.stem_relu else x)
     for i in range(self.num_stages):
       x = getattr(self, f"layer{i + 1}")(x)
     if self.fc is not None:

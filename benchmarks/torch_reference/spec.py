@@ -21,6 +21,7 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests" / "fixtures" / "laga_trajectory.npz"
+BOT_FIXTURE = ROOT / "tests" / "fixtures" / "bot_trajectory.npz"
 
 # Tolerances of the issue: relative to the torch values.
 LOSS_RTOL = 1e-4
@@ -37,8 +38,20 @@ FULL_STORAGE_MAX = 8192
 SKETCH_BUCKETS = 1024
 
 
+class _JsonFields:
+  """A run description that round-trips through the fixture's JSON metadata."""
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+  @classmethod
+  def from_json(cls, text: str):
+    fields = json.loads(text)
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
 @dataclasses.dataclass(frozen=True)
-class Spec:
+class Spec(_JsonFields):
   """Sizes and hyper-parameters of the parity run (the paper's loss and optimiser, a tiny network)."""
 
   stage_sizes: Tuple[int, ...] = (1, 1, 1, 1)
@@ -76,13 +89,67 @@ class Spec:
   eval_images: int = 8
   seed: int = 0
 
-  def to_json(self) -> str:
-    return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
-  @classmethod
-  def from_json(cls, text: str) -> "Spec":
-    fields = json.loads(text)
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+@dataclasses.dataclass(frozen=True)
+class BoTSpec(_JsonFields):
+  """The BoT parity run: its reference code's recipe (configs/softmax_triplet_with_center.yml) on a tiny
+  network, the schedule compressed like LAGA-Net's.
+
+  LS-CE (0.1) on the BNNeck's logits + batch-hard triplet (margin 0.3) on the GAP feature + 5e-4 x center loss
+  (its centers by SGD at lr 0.5 on the unweighted loss); Adam at lr 3.5e-4 on every parameter with coupled L2
+  5e-4; WarmupMultiStepLR(warmup_factor 0.01) stepped at every epoch start. As for LAGA-Net, the rate is a
+  quarter of the reference's 3.5e-4: this untrained network learns from scratch, and at the full rate rounding
+  alone grows to ~1e-3 over the 24 steps (measured: loss 1.0e-3, features 3.7e-3 at 3.5e-4; 5.5e-5 and 1.4e-4
+  at 8.75e-5; the errors fall with the rate, as rounding amplified by training does). Compressed: warm-up over 4
+  scheduler epochs, decays at scheduler epochs 8 and 11 (x0.1), 2 steps per epoch, so the 24 steps cross the
+  end of the warm-up (epoch 3, step 6) and both decays (epochs 7 and 10: steps 14 and 20).
+  """
+
+  stage_sizes: Tuple[int, ...] = (1, 1, 1, 1)
+  width: int = 16
+  last_stride: int = 1
+  image: Tuple[int, int] = (128, 64)
+  num_classes: int = 8
+  p: int = 4
+  k: int = 2
+  steps: int = 24
+  steps_per_epoch: int = 2
+  label_smoothing: float = 0.1
+  triplet_margin: float = 0.3
+  center_weight: float = 5e-4
+  center_lr: float = 0.5
+  lr: float = 8.75e-5
+  warmup_factor: float = 0.01
+  warmup_iters: int = 4
+  milestones: Tuple[int, ...] = (8, 11)
+  gamma: float = 0.1
+  weight_decay: float = 5e-4
+  eval_images: int = 8
+  seed: int = 0
+  model: str = "bot"
+
+
+SPECS = {"laga": Spec, "bot": BoTSpec}
+# BoT's center-loss centers in a torch run's state dicts (they belong to the loss, not to the model).
+CENTERS_KEY = "center_loss.centers"
+# Per-step series of a run (BoT's has the center loss too) and what else a run stores besides state dicts.
+SERIES = ("loss", "ce", "triplet", "center", "lr")
+FIXTURES = {"laga": FIXTURE, "bot": BOT_FIXTURE}
+
+
+def bot_lr_factor(t: int, spec: BoTSpec) -> float:
+  """The reference's WarmupMultiStepLR (linear warm-up) at scheduler epoch `t`, as a factor of the base lr."""
+  warmup = 1.0
+  if t < spec.warmup_iters:
+    alpha = t / spec.warmup_iters
+    warmup = spec.warmup_factor * (1 - alpha) + alpha
+  return warmup * spec.gamma ** sum(t >= m for m in spec.milestones)
+
+
+def bot_learning_rate(epoch: int, spec: BoTSpec) -> float:
+  """BoT's lr during 0-based `epoch`: the scheduler is stepped at every epoch start, after its constructor's
+  step, so epoch e runs at scheduler epoch e + 1."""
+  return spec.lr * bot_lr_factor(epoch + 1, spec)
 
 
 def learning_rate(epoch: int, spec: Spec) -> float:
@@ -118,9 +185,14 @@ def _reference_weights():
   return module
 
 
-def initial_state_dict(shapes: Mapping[str, Sequence[int]], seed: int) -> Dict[str, np.ndarray]:
-  """The synthetic initial weights for a state dict with these keys and shapes (deterministic, keyed by name)."""
-  return _reference_weights().synthetic_state_dict(shapes, seed)
+def initial_state_dict(shapes: Mapping[str, Sequence[int]], seed: int,
+                       zeroed: Sequence[str] = ()) -> Dict[str, np.ndarray]:
+  """The synthetic initial weights for a state dict with these keys and shapes (deterministic, keyed by name);
+  the `zeroed` keys at zero (parameters a reference freezes at their zero initialisation)."""
+  state = _reference_weights().synthetic_state_dict(shapes, seed)
+  for key in zeroed:
+    state[key] = np.zeros_like(state[key])
+  return state
 
 
 def digest(arrays: Sequence[np.ndarray]) -> str:
@@ -227,7 +299,7 @@ def summarise(report: Mapping) -> Tuple[bool, str]:
 
 def save_run(path: pathlib.Path, run: Mapping) -> None:
   """A torch run as .npz (state dicts keyed `initial/<key>`, `final/<key>`)."""
-  arrays = {k: np.asarray(run[k]) for k in ("loss", "ce", "triplet", "lr", "features")}
+  arrays = {k: np.asarray(run[k]) for k in SERIES + ("features",) if k in run}
   for which in ("initial", "final"):
     arrays.update({f"{which}/{k}": v for k, v in run[which].items()})
   arrays["info"] = np.asarray(run["info"])
@@ -238,7 +310,7 @@ def save_run(path: pathlib.Path, run: Mapping) -> None:
 def load_run(path: pathlib.Path) -> dict:
   with np.load(path, allow_pickle=False) as data:
     arrays = {k: data[k] for k in data.files}
-  run = {k: arrays.pop(k) for k in ("loss", "ce", "triplet", "lr", "features")}
+  run = {k: arrays.pop(k) for k in SERIES + ("features",) if k in arrays}
   run["info"] = str(arrays.pop("info"))
   for which in ("initial", "final"):
     prefix = which + "/"
@@ -252,10 +324,8 @@ def write_fixture(path: pathlib.Path, spec: Spec, torch_run: Mapping, meta: Mapp
   """Store a torch run compactly: losses, features, BN statistics and small parameters in full, larger
   parameters as the count sketch of their update plus their final norm. The initial weights are not stored:
   they are regenerated from `meta["state_dict_shapes"]` and checked against `meta["initial_digest"]`."""
-  arrays = {"loss": np.asarray(torch_run["loss"], np.float64), "ce": np.asarray(torch_run["ce"], np.float64),
-            "triplet": np.asarray(torch_run["triplet"], np.float64),
-            "lr": np.asarray(torch_run["lr"], np.float64),
-            "features": np.asarray(torch_run["features"], np.float32)}
+  arrays = {k: np.asarray(torch_run[k], np.float64) for k in SERIES if k in torch_run}
+  arrays["features"] = np.asarray(torch_run["features"], np.float32)
   for name, value in torch_run["final"].items():
     value = np.asarray(value, np.float32)
     if name.startswith("params/") and value.size > FULL_STORAGE_MAX:
@@ -269,12 +339,13 @@ def write_fixture(path: pathlib.Path, spec: Spec, torch_run: Mapping, meta: Mapp
   np.savez_compressed(path, **arrays)
 
 
-def read_fixture(path: pathlib.Path = FIXTURE) -> Tuple[Spec, dict, dict]:
+def read_fixture(path: pathlib.Path = FIXTURE) -> Tuple[object, dict, dict]:
   """(spec, torch run in the `compare` layout, meta) of a fixture written by `write_fixture`."""
   with np.load(path, allow_pickle=False) as data:
     arrays = {k: data[k] for k in data.files}
   meta = json.loads(str(arrays.pop("meta")))
-  spec = Spec.from_json(json.dumps(meta.pop("spec")))
+  fields = meta.pop("spec")
+  spec = SPECS[fields.get("model", "laga")].from_json(json.dumps(fields))
   final: Dict[str, object] = {}
   for key, value in arrays.items():
     kind, _, name = key.partition("/")
@@ -282,13 +353,18 @@ def read_fixture(path: pathlib.Path = FIXTURE) -> Tuple[Spec, dict, dict]:
       final[name] = value
     elif kind == "sketch":
       final[name] = {"sketch": value.astype(np.float64), "norm": float(arrays[f"norm/{name}"])}
-  run = {k: arrays[k] for k in ("loss", "ce", "triplet", "lr", "features")}
+  run = {k: arrays[k] for k in SERIES + ("features",) if k in arrays}
   run["final"] = final
   return spec, run, meta
 
 
 def state_dict_shapes(meta: Mapping) -> Dict[str, Tuple[int, ...]]:
   return {k: tuple(v) for k, v in meta["state_dict_shapes"]}
+
+
+def fixture_initial_state_dict(spec, meta: Mapping) -> Dict[str, np.ndarray]:
+  """The fixture run's initial weights, regenerated from the stored keys and shapes."""
+  return initial_state_dict(state_dict_shapes(meta), spec.seed, meta.get("zeroed_keys", ()))
 
 
 def check_regenerated(spec: Spec, meta: Mapping, initial_sd: Optional[Mapping[str, np.ndarray]] = None) -> None:
