@@ -38,8 +38,22 @@ FULL_STORAGE_MAX = 8192
 SKETCH_BUCKETS = 1024
 
 
+@dataclasses.dataclass(frozen=True)
 class _JsonFields:
-  """A run description that round-trips through the fixture's JSON metadata."""
+  """What every parity run shares (a tiny network, seeded P x K batches, compressed epochs); round-trips
+  through the fixture's JSON metadata."""
+
+  stage_sizes: Tuple[int, ...] = (1, 1, 1, 1)
+  width: int = 16
+  last_stride: int = 1
+  image: Tuple[int, int] = (128, 64)
+  num_classes: int = 8
+  p: int = 4
+  k: int = 2
+  steps: int = 24
+  steps_per_epoch: int = 2
+  eval_images: int = 8
+  seed: int = 0
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -52,21 +66,12 @@ class _JsonFields:
 
 @dataclasses.dataclass(frozen=True)
 class Spec(_JsonFields):
-  """Sizes and hyper-parameters of the parity run (the paper's loss and optimiser, a tiny network)."""
+  """Sizes and hyper-parameters of the LAGA-Net parity run (the paper's loss and optimiser, a tiny network)."""
 
-  stage_sizes: Tuple[int, ...] = (1, 1, 1, 1)
-  width: int = 16
-  last_stride: int = 1
   num_stripes: int = 3
   reduction_dim: int = 64
   leaky_slope: float = 0.1
   dropout: float = 0.0
-  image: Tuple[int, int] = (128, 64)
-  num_classes: int = 8
-  p: int = 4
-  k: int = 2
-  steps: int = 24
-  steps_per_epoch: int = 2
   # Loss (eq. 8): sum over heads of LS-CE + beta * sum over heads of batch-hard triplet on the embedding.
   label_smoothing: float = 0.1
   triplet_beta: float = 0.1
@@ -86,8 +91,6 @@ class Spec(_JsonFields):
   b1: float = 0.9
   b2: float = 0.999
   eps: float = 1e-8
-  eval_images: int = 8
-  seed: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,15 +108,6 @@ class BoTSpec(_JsonFields):
   end of the warm-up (epoch 3, step 6) and both decays (epochs 7 and 10: steps 14 and 20).
   """
 
-  stage_sizes: Tuple[int, ...] = (1, 1, 1, 1)
-  width: int = 16
-  last_stride: int = 1
-  image: Tuple[int, int] = (128, 64)
-  num_classes: int = 8
-  p: int = 4
-  k: int = 2
-  steps: int = 24
-  steps_per_epoch: int = 2
   label_smoothing: float = 0.1
   triplet_margin: float = 0.3
   center_weight: float = 5e-4
@@ -124,8 +118,6 @@ class BoTSpec(_JsonFields):
   milestones: Tuple[int, ...] = (8, 11)
   gamma: float = 0.1
   weight_decay: float = 5e-4
-  eval_images: int = 8
-  seed: int = 0
   model: str = "bot"
 
 
