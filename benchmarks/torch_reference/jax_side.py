@@ -67,6 +67,7 @@ def _training(config, spec, variables_from_reference: Callable) -> ProjectTraini
 
 
 def _laga_training(spec: spec_lib.Spec) -> ProjectTraining:
+  """LAGA-Net from the base config at the spec's sizes, with the paper's loss and optimiser (eq. 8)."""
   from configs import base
   config = base.get_config()
   config.model.update(name="laga", stage_sizes=spec.stage_sizes, width=spec.width,
