@@ -11,11 +11,10 @@ import pathlib
 # suite's programs are tiny, so compiling them is most of its time, and -O0 about halves that. The HLO
 # passes, the libraries that run the dots and convolutions and the float semantics (no fast-math at any
 # level) stay as they are, so every numerical check means what it says.
-SUITE_XLA_FLAGS = "--xla_backend_optimization_level=0"
-os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=2 {SUITE_XLA_FLAGS}")
-# ... but not in the run.py subprocesses: they evaluate hundreds of images, and unoptimised element-wise code
-# costs them more than -O0 saves in compiling (a tiny demo job: 77 s at -O0, 52 s at the default).
-RUN_PY_XLA_FLAGS = ""
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0")
+# The run.py subprocesses (`run_py`, and the test files that start run.py) get XLA_FLAGS="": they evaluate
+# hundreds of images, and unoptimised element-wise code costs them more than -O0 saves in compiling (a tiny
+# demo job: 77 s at -O0, 52 s at the default).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The `run.py` subprocesses of the suite (the demo, resume, eval, export and multi-process jobs) compile the
 # same programs again and again: a compilation cache for this session lets the later ones load them. Under
@@ -63,7 +62,7 @@ def run_py(*args, timeout: int = 900):
   """`python run.py *args` from the checkout on one CPU device; the CompletedProcess (text)."""
   import subprocess
   import sys
-  env = dict(os.environ, XLA_FLAGS=RUN_PY_XLA_FLAGS, JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, str(ROOT / "run.py"), *map(str, args)], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
 

@@ -23,7 +23,6 @@ import pytest
 
 from laga_jax import checkpoint as checkpoint_lib
 from laga_jax import safeguards
-from conftest import RUN_PY_XLA_FLAGS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH, EPOCHS = 10, 2
@@ -50,10 +49,9 @@ def _start(workdir: pathlib.Path, data: pathlib.Path, *, processes: int, paralle
   args = [sys.executable, str(ROOT / "run.py"), *TINY, "--workdir", str(workdir), f"--config.data.root={data}",
           f"--config.train.parallel={parallel}"]
   if processes == 1:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {RUN_PY_XLA_FLAGS}",
-               JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     return [subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
-  env = dict(os.environ, XLA_FLAGS=RUN_PY_XLA_FLAGS, JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
   job = ["--config.train.distributed=True", f"--config.train.coordinator_address=127.0.0.1:{port}",
          f"--config.train.num_processes={processes}", "--config.train.initialization_timeout=120"]
   return [subprocess.Popen(args + job + [f"--config.train.process_id={i}"], cwd=ROOT, env=env,

@@ -14,7 +14,6 @@ import pytest
 from configs import demo
 from laga_jax import trainer
 from laga_jax.checkpoint import Checkpointer, fingerprint
-from conftest import RUN_PY_XLA_FLAGS
 
 NUM_DEMO_IDS = 40  # training identities of the default demo dataset
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -26,7 +25,7 @@ TINY = [
 
 
 def _run(*args, cwd=ROOT):
-  env = dict(os.environ, XLA_FLAGS=RUN_PY_XLA_FLAGS, JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=900)
 

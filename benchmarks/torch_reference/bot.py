@@ -31,7 +31,7 @@ from benchmarks.torch_reference import spec as spec_lib
 from benchmarks.torch_reference.training import nchw
 
 CENTERS_KEY = spec_lib.CENTERS_KEY  # the centers in a run's state dicts (the reference's CenterLoss.centers)
-FROZEN_KEYS = ("bottleneck.bias",)   # requires_grad False in the reference: no optimiser sees it
+FROZEN_KEYS = spec_lib.ZEROED_KEYS["bot"]  # requires_grad False in the reference: no optimiser sees it
 
 
 class BoTNet(nn.Module):

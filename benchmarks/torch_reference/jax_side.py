@@ -183,7 +183,7 @@ def bot_variables_from_torch(state_dict: Mapping[str, np.ndarray], template: Map
          "batch_stats": ported["batch_stats"]}
   out = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), out)
   # The frozen BNNeck shift is zero and has no JAX parameter (reference_variables checks it).
-  _check_filled(out, template, state_dict, skipped=("bottleneck.bias",))
+  _check_filled(out, template, state_dict, skipped=spec_lib.ZEROED_KEYS["bot"])
   return out
 
 

@@ -100,9 +100,8 @@ def parity(name: str, args) -> bool:
     else:
       shapes = [[k, list(v.shape)] for k, v in torch_run["initial"].items()]
       meta = {"state_dict_shapes": shapes, "initial_digest": spec_lib.digest(list(torch_run["initial"].values())),
-              "batches_digest": spec_lib.batches_digest(spec), "torch": torch_run["info"]}
-      if name == "bot":
-        meta["zeroed_keys"] = ["bottleneck.bias"]
+              "batches_digest": spec_lib.batches_digest(spec), "torch": torch_run["info"],
+              "zeroed_keys": list(spec_lib.ZEROED_KEYS[name])}
       spec_lib.write_fixture(path, spec, torch_flat, meta)
       print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
   print(f"{name}: {'PASS' if passed else 'FAIL'}")

@@ -124,6 +124,9 @@ class BoTSpec(_JsonFields):
 SPECS = {"laga": Spec, "bot": BoTSpec}
 # BoT's center-loss centers in a torch run's state dicts (they belong to the loss, not to the model).
 CENTERS_KEY = "center_loss.centers"
+# Parameters a reference freezes at their zero initialisation (BoT's BNNeck shift): zero in the synthetic
+# initial weights, and without a JAX counterpart.
+ZEROED_KEYS = {"laga": (), "bot": ("bottleneck.bias",)}
 # Per-step series of a run (BoT's has the center loss too) and what else a run stores besides state dicts.
 SERIES = ("loss", "ce", "triplet", "center", "lr")
 FIXTURES = {"laga": FIXTURE, "bot": BOT_FIXTURE}

@@ -30,13 +30,8 @@ def _capture(model, variables: dict, images: jax.Array, kinds: tuple) -> Dict[st
   def wanted(module, method_name: str) -> bool:
     return method_name == "__call__" and isinstance(module, kinds)
 
-  # Compiled: run op by op, the capture of a LAGA-Net forward costs seconds of dispatch even at tiny sizes.
-  @jax.jit
-  def run(variables, images):
-    _, state = model.apply(variables, images, train=False, capture_intermediates=wanted, mutable=["intermediates"])
-    return state["intermediates"]
-
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(run(variables, images)))
+  _, state = model.apply(variables, images, train=False, capture_intermediates=wanted, mutable=["intermediates"])
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(state["intermediates"]))
   out: Dict[str, list] = {}
   for path, value in flat.items():
     if path[-1] not in ("__call__", "attention"):
