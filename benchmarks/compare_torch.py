@@ -87,7 +87,7 @@ class JaxLaga(Runner):
     self.training = jax_side.project_training(spec)
     dummy = jnp.zeros((1,) + tuple(spec.image) + (3,), jnp.float32)
     template = jax.eval_shape(lambda: self.training.model.init(jax.random.PRNGKey(0), dummy, train=False))
-    self.variables = jax_side.variables_from_torch(torch_state_dict, template, self.training.pretrained_variables)
+    self.variables = self.training.to_variables(torch_state_dict, template)
     self.state = jax.device_put(self.training.create_state(self.variables))
     self.batch, self.images = jax.device_put(batch), len(batch["label"])
     start = time.perf_counter()

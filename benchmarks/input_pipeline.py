@@ -120,7 +120,7 @@ def run(data_dir: pathlib.Path, num_ids: int, steps: int, warmup: int, repeats: 
   serial.num_parallel_calls = 1
   train = lambda cfg, **kw: input_pipeline.train_batches(records, cfg, seed=seed, epoch=0, num_steps=total, **kw)
   cases = {
-      "tf.data: decode + augment (AUTOTUNE)": lambda: train(data_cfg).as_numpy_iterator(),
+      "tf.data: decode + augment (num_parallel_calls=-1)": lambda: train(data_cfg).as_numpy_iterator(),
       "tf.data: decoded images cached": lambda: train(cached, decoded=decoded).as_numpy_iterator(),
       "tf.data: 1 parallel call": lambda: train(serial).as_numpy_iterator(),
       "tf.data: decode + resize only": lambda: decode_resize_batches(records, data_cfg, total),

@@ -34,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.p = 5                       # identities per batch
   c.data.k = 4                       # images per identity
   c.data.cache_decoded = False       # keep decoded images in memory (small sets)
-  c.data.num_parallel_calls = -1     # tf.data AUTOTUNE
+  c.data.num_parallel_calls = -1     # tf.data map parallelism; -1: one per CPU core, at most 16
   c.data.bad_images = "stop"         # images that do not decode: "stop" before training, naming them; "skip" them
 
   # --- losses (laga_jax/losses.py): each term by name, weight 0 leaves it out, summed over the model's heads ---

@@ -12,9 +12,11 @@ import pathlib
 # passes, the libraries that run the dots and convolutions and the float semantics (no fast-math at any
 # level) stay as they are, so every numerical check means what it says.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0")
-# The run.py subprocesses (`run_py`, and the test files that start run.py) get XLA_FLAGS="": they evaluate
-# hundreds of images, and unoptimised element-wise code costs them more than -O0 saves in compiling (a tiny
-# demo job: 77 s at -O0, 52 s at the default).
+# The run.py subprocesses (`run_py`, and the test files that start run.py) get RUN_PY_XLA_FLAGS: they
+# evaluate hundreds of images, so unoptimised element-wise code costs them more than -O0 saves in compiling,
+# while -O1 compiles faster than the default and runs about as fast. One-process demo jobs, idle, wall / CPU
+# seconds: the shared trained run 53.4 / 70.3 at the default, 40.2 / 48.6 at -O1; the multi-process tests'
+# reference 46.5 / 63.8 at the default, 39.2 / 49.7 at -O1, 51.1 / 73.5 at -O0.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The `run.py` subprocesses of the suite (the demo, resume, eval, export and multi-process jobs) compile the
 # same programs again and again: a compilation cache for this session lets the later ones load them. Under
@@ -27,9 +29,18 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ and "PYTEST_XDIST_WORKER" not i
   _CACHE = tempfile.mkdtemp(prefix="laga_jax_tests_xla_cache_")
   atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
-  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+  # The run.py processes cache every program, however quick to compile: each compiles ~120 small eager ones
+  # (0.01-0.1 s each), the same in every job; loading them saved 4 of 27 CPU seconds of a warm demo job.
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# In the suite's own processes only programs that took a second or more: most of their many small programs
+# are compiled once per session.
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+RUN_PY_XLA_FLAGS = "--xla_backend_optimization_level=1"
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 REALDATA = (pathlib.Path(__file__).resolve().parents[2] / "shared" / "realdata")
@@ -62,7 +73,7 @@ def run_py(*args, timeout: int = 900):
   """`python run.py *args` from the checkout on one CPU device; the CompletedProcess (text)."""
   import subprocess
   import sys
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=RUN_PY_XLA_FLAGS, JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, str(ROOT / "run.py"), *map(str, args)], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
 

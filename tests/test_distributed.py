@@ -21,11 +21,12 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import RUN_PY_XLA_FLAGS
 from laga_jax import checkpoint as checkpoint_lib
 from laga_jax import safeguards
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-STEPS_PER_EPOCH, EPOCHS = 10, 2
+STEPS_PER_EPOCH, EPOCHS = 6, 2
 TOTAL = STEPS_PER_EPOCH * EPOCHS
 # The demo's LAGA-Net (four branches, six heads, CE + triplet) at 64×32 and width 8, P×K = 4×2 (4 images per
 # process), two epochs with a checkpoint at the first epoch's end, evaluated without figures.
@@ -49,9 +50,10 @@ def _start(workdir: pathlib.Path, data: pathlib.Path, *, processes: int, paralle
   args = [sys.executable, str(ROOT / "run.py"), *TINY, "--workdir", str(workdir), f"--config.data.root={data}",
           f"--config.train.parallel={parallel}"]
   if processes == 1:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=f"{RUN_PY_XLA_FLAGS} --xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu")
     return [subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=RUN_PY_XLA_FLAGS, JAX_PLATFORMS="cpu")
   job = ["--config.train.distributed=True", f"--config.train.coordinator_address=127.0.0.1:{port}",
          f"--config.train.num_processes={processes}", "--config.train.initialization_timeout=120"]
   return [subprocess.Popen(args + job + [f"--config.train.process_id={i}"], cwd=ROOT, env=env,

@@ -16,6 +16,7 @@ import time
 import jax.numpy as jnp
 import pytest
 
+from conftest import RUN_PY_XLA_FLAGS
 from configs import demo
 from laga_jax import checkpoint as checkpoint_lib
 from laga_jax import cli_errors, safeguards, trainer
@@ -24,7 +25,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _run(*args, timeout=600):
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=RUN_PY_XLA_FLAGS, JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=timeout)
 

@@ -210,6 +210,22 @@ def test_eval_of_nothing_is_empty(records):
   assert batches(input_pipeline.eval_batches([], data_config(), 4)) == []
 
 
+def test_pipelines_run_without_the_autotuner(records, monkeypatch):
+  """Deleting an iterator waits for tf.data's autotuner thread (seconds at every epoch's end): it is off, and
+  -1 parallel calls means one per available core, at most 16; other values are taken as given."""
+  train = input_pipeline.train_batches(records, data_config(), seed=0, epoch=0, num_steps=1)
+  evaluate = input_pipeline.eval_batches(records, data_config(), 4)
+  for dataset in (train, evaluate):
+    assert dataset.options().autotune.enabled is False and dataset.options().deterministic is True
+  monkeypatch.setattr(input_pipeline.os, "sched_getaffinity", lambda pid: set(range(40)), raising=False)
+  assert input_pipeline._parallel_calls(data_config()) == 16
+  monkeypatch.setattr(input_pipeline.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+  assert input_pipeline._parallel_calls(data_config()) == 2
+  assert input_pipeline._parallel_calls(data_config(num_parallel_calls=3)) == 3
+  with pytest.raises(ValueError, match="num_parallel_calls must be -1"):
+    input_pipeline._parallel_calls(data_config(num_parallel_calls=0))
+
+
 def corrupt(records, position, content):
   bad = records[position]
   with open(bad.path, "wb") as f:

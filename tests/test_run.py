@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import RUN_PY_XLA_FLAGS
 from configs import demo
 from laga_jax import trainer
 from laga_jax.checkpoint import Checkpointer, fingerprint
@@ -25,7 +26,7 @@ TINY = [
 
 
 def _run(*args, cwd=ROOT):
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=RUN_PY_XLA_FLAGS, JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=900)
 
