@@ -1,7 +1,7 @@
 """laga-jax against the PyTorch reference (benchmarks/torch_reference), alternately in one process, on CPU or GPU.
 
   python -m benchmarks.compare_torch --out benchmarks/results/compare_torch.json    # the paper's sizes
-  python -m benchmarks.compare_torch --size tiny --out benchmarks/out/compare_tiny.json     # checks the script in ~2 min
+  python -m benchmarks.compare_torch --size tiny --out benchmarks/out/compare_tiny.json  # checks the script in ~2 min
 
 Three comparisons, each as images/s of JAX divided by images/s of PyTorch (> 1: JAX is faster):
   backbone   train step of the ResNet alone (last stride 1, fc to the identities, plain CE, Adam with

@@ -185,14 +185,15 @@ def create_state(exp: Experiment) -> train_lib.TrainState:
   return train_lib.create_train_state(exp.model, make_optimizer(exp), variables, dropout_rng)
 
 
-def _average(metrics: list) -> dict:
-  stacked = jax.device_get(metrics)
-  return {k: float(np.mean([np.mean(m[k]) for m in stacked])) for k in stacked[0]}
-
-
 def _host_metrics(metrics: list) -> list:
-  """Per-step metrics as JSON-ready floats."""
+  """Per-step metrics as JSON-ready floats (a per-device metric averaged over its devices)."""
   return [{k: float(np.mean(v)) for k, v in m.items()} for m in jax.device_get(metrics)]
+
+
+def _average(metrics: list) -> dict:
+  """The mean over steps of each per-step metric."""
+  steps = _host_metrics(metrics)
+  return {k: float(np.mean([m[k] for m in steps])) for k in steps[0]}
 
 
 def validation_accuracy(exp: Experiment, state: train_lib.TrainState, val_step) -> Optional[float]:

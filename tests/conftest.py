@@ -69,12 +69,17 @@ TINY_RUN = ("--config.data.image_size=(32,16)", "--config.data.resize_size=(36,1
             "--config.eval.batch_size=32", "--config.eval.num_figures=1", "--config.eval.evaluate_untrained=False")
 
 
+def run_py_env(devices: int = 1, **extra: str) -> dict:
+  """The environment of a `run.py` subprocess: the CPU, `devices` host devices, RUN_PY_XLA_FLAGS."""
+  flags = RUN_PY_XLA_FLAGS + (f" --xla_force_host_platform_device_count={devices}" if devices > 1 else "")
+  return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", **extra)
+
+
 def run_py(*args, timeout: int = 900):
   """`python run.py *args` from the checkout on one CPU device; the CompletedProcess (text)."""
   import subprocess
   import sys
-  env = dict(os.environ, XLA_FLAGS=RUN_PY_XLA_FLAGS, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, str(ROOT / "run.py"), *map(str, args)], cwd=ROOT, env=env,
+  return subprocess.run([sys.executable, str(ROOT / "run.py"), *map(str, args)], cwd=ROOT, env=run_py_env(),
                         capture_output=True, text=True, timeout=timeout)
 
 

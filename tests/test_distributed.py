@@ -9,7 +9,6 @@ killed if it outlives it.
 """
 
 import json
-import os
 import pathlib
 import signal
 import socket
@@ -21,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import RUN_PY_XLA_FLAGS
+from conftest import run_py_env
 from laga_jax import checkpoint as checkpoint_lib
 from laga_jax import safeguards
 
@@ -50,10 +49,9 @@ def _start(workdir: pathlib.Path, data: pathlib.Path, *, processes: int, paralle
   args = [sys.executable, str(ROOT / "run.py"), *TINY, "--workdir", str(workdir), f"--config.data.root={data}",
           f"--config.train.parallel={parallel}"]
   if processes == 1:
-    env = dict(os.environ, XLA_FLAGS=f"{RUN_PY_XLA_FLAGS} --xla_force_host_platform_device_count=2",
-               JAX_PLATFORMS="cpu")
-    return [subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
-  env = dict(os.environ, XLA_FLAGS=RUN_PY_XLA_FLAGS, JAX_PLATFORMS="cpu")
+    return [subprocess.Popen(args, cwd=ROOT, env=run_py_env(devices=2), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)]
+  env = run_py_env()
   job = ["--config.train.distributed=True", f"--config.train.coordinator_address=127.0.0.1:{port}",
          f"--config.train.num_processes={processes}", "--config.train.initialization_timeout=120"]
   return [subprocess.Popen(args + job + [f"--config.train.process_id={i}"], cwd=ROOT, env=env,

@@ -16,18 +16,12 @@ import time
 import jax.numpy as jnp
 import pytest
 
-from conftest import RUN_PY_XLA_FLAGS
+from conftest import run_py
 from configs import demo
 from laga_jax import checkpoint as checkpoint_lib
 from laga_jax import cli_errors, safeguards, trainer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _run(*args, timeout=600):
-  env = dict(os.environ, XLA_FLAGS=RUN_PY_XLA_FLAGS, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=timeout)
 
 
 def _one_error_line(done):
@@ -146,7 +140,7 @@ def test_bad_images_stop_before_training_naming_every_file(demo_root, tmp_path):
   query = sorted((root / "query").glob("*.jpg"))
   query[0].unlink()
   os.symlink(root / "moved_away.jpg", query[0])
-  done = _run("--config", "configs/demo.py", "--workdir", str(tmp_path / "w"), f"--config.data.root={root}")
+  done = run_py("--config", "configs/demo.py", "--workdir", str(tmp_path / "w"), f"--config.data.root={root}")
   line = _one_error_line(done)
   assert line.startswith("error: 2 unreadable image(s) in dataset 'demo': "), line
   assert f"{gallery[0]} (truncated or corrupt" in line and f"{query[0]} (broken symbolic link" in line
@@ -160,7 +154,7 @@ def test_second_run_on_a_workdir_is_refused(demo_root, tmp_path):
       cwd=ROOT, stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
   try:
     assert holder.stdout.readline().strip() == "locked"
-    done = _run("--config", "configs/demo.py", "--workdir", str(tmp_path), f"--config.data.root={demo_root}")
+    done = run_py("--config", "configs/demo.py", "--workdir", str(tmp_path), f"--config.data.root={demo_root}")
   finally:
     holder.kill()
     holder.wait()
@@ -170,7 +164,7 @@ def test_second_run_on_a_workdir_is_refused(demo_root, tmp_path):
 
 def test_search_without_a_checkpoint_creates_nothing(demo_root, tmp_path):
   query = sorted((demo_root / "query").glob("*.jpg"))[0]
-  done = _run("--config", "configs/demo.py", "--workdir", str(tmp_path), "--mode", "search", f"--query={query}",
+  done = run_py("--config", "configs/demo.py", "--workdir", str(tmp_path), "--mode", "search", f"--query={query}",
               f"--gallery_dir={demo_root / 'bounding_box_test'}")
   line = _one_error_line(done)
   assert "no checkpoint" in line
@@ -186,7 +180,7 @@ def test_search_without_a_checkpoint_creates_nothing(demo_root, tmp_path):
                                                  "integer >= 1"),
 ])
 def test_command_line_errors_are_one_line(tmp_path, flag, expected):
-  done = _run("--config", "configs/demo.py", "--workdir", str(tmp_path), flag)
+  done = run_py("--config", "configs/demo.py", "--workdir", str(tmp_path), flag)
   assert _one_error_line(done).startswith(expected), done.stderr[-2000:]
   assert not (tmp_path / "checkpoints").exists()
 

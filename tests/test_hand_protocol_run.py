@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import RUN_PY_XLA_FLAGS
+from conftest import run_py_env
 from data_pipelines import datasets, image_check, input_pipeline
 from data_pipelines.datasets import common, hands11k
 from laga_jax.evaluation import metrics
@@ -33,7 +33,7 @@ def hand_run(tmp_path_factory):
   from data_pipelines import demo_hands
   root = tmp_path_factory.mktemp("hands")
   demo_hands.generate_demo_hands(root / "data", **SMALL_SET)  # used as found: the config's root holds a set
-  env = dict(os.environ, XLA_FLAGS=RUN_PY_XLA_FLAGS, JAX_PLATFORMS="cpu", LAGA_CACHE_DIR=str(root / "cache"))
+  env = run_py_env(LAGA_CACHE_DIR=str(root / "cache"))
   done = subprocess.run([sys.executable, str(ROOT / "run.py"), "--config", "configs/demo_hands.py", "--workdir",
                          str(root / "run"), f"--config.data.root={root / 'data'}", *FAST], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=900)

@@ -2,22 +2,18 @@
 
 import json
 import os
-import pathlib
 import re
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import RUN_PY_XLA_FLAGS
+from conftest import run_py
 from configs import demo
 from laga_jax import trainer
 from laga_jax.checkpoint import Checkpointer, fingerprint
 
 NUM_DEMO_IDS = 40  # training identities of the default demo dataset
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = [
     "--config.data.image_size=(64,32)", "--config.data.resize_size=(72,36)", "--config.model.width=8",
     "--config.model.reduction_dim=16", "--config.train.num_epochs=2", "--config.train.steps_per_epoch=3",
@@ -25,17 +21,11 @@ TINY = [
 ]
 
 
-def _run(*args, cwd=ROOT):
-  env = dict(os.environ, XLA_FLAGS=RUN_PY_XLA_FLAGS, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=900)
-
-
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
   root = tmp_path_factory.mktemp("demo")
   workdir = root / "run"
-  done = _run("--config", "configs/demo.py", "--workdir", str(workdir),
+  done = run_py("--config", "configs/demo.py", "--workdir", str(workdir),
               f"--config.data.root={root / 'data'}", *TINY)
   assert done.returncode == 0, done.stderr[-3000:]
   return workdir, done
@@ -81,7 +71,7 @@ def test_eval_mode_reuses_checkpoint_on_two_datasets(demo_run, tmp_path):
   the training-set numbers unchanged, the untrained model scored on demo_b too, no fingerprint refusal."""
   workdir, _ = demo_run
   first = json.loads((workdir / "results.json").read_text())
-  done = _run("--config", "configs/demo.py", "--workdir", str(workdir), "--mode", "eval",
+  done = run_py("--config", "configs/demo.py", "--workdir", str(workdir), "--mode", "eval",
               f"--config.data.root={workdir.parent / 'data'}", "--config.eval.datasets=demo,demo_b", *TINY)
   assert done.returncode == 0, done.stderr[-3000:]
   again = json.loads((workdir / "results.json").read_text())
@@ -118,7 +108,7 @@ def test_eval_needs_no_training_split(demo_run, tmp_path):
         continue
       (custom / split / str(pid)).mkdir(parents=True, exist_ok=True)
       os.symlink(image, custom / split / str(pid) / image.name)
-  done = _run("--config", "configs/demo.py", "--workdir", str(run), "--mode", "eval",
+  done = run_py("--config", "configs/demo.py", "--workdir", str(run), "--mode", "eval",
               f"--config.data.root={data}", f"--config.eval.datasets=demo={market},custom={custom}", *TINY)
   assert done.returncode == 0, done.stderr[-3000:]
   results = json.loads((run / "results.json").read_text())
@@ -135,11 +125,11 @@ def test_eval_needs_no_training_split(demo_run, tmp_path):
 
 def test_maps_mode_and_trained_maps_differ_from_untrained(demo_run):
   workdir, _ = demo_run
-  done = _run("--config", "configs/demo.py", "--workdir", str(workdir), "--mode", "maps", "--num_images=3",
+  done = run_py("--config", "configs/demo.py", "--workdir", str(workdir), "--mode", "maps", "--num_images=3",
               "--query_position=1,0", f"--config.data.root={workdir.parent / 'data'}", *TINY)
   assert done.returncode == 0, done.stderr[-3000:]
   assert (workdir / "maps_query.png").stat().st_size > 1000
-  bad = _run("--config", "configs/demo.py", "--workdir", str(workdir), "--mode", "maps", "--query_position=1",
+  bad = run_py("--config", "configs/demo.py", "--workdir", str(workdir), "--mode", "maps", "--query_position=1",
              f"--config.data.root={workdir.parent / 'data'}", *TINY)
   assert bad.returncode == 1 and "--query_position=1: expected row,col" in bad.stderr
   from laga_jax.evaluation import maps
@@ -186,7 +176,7 @@ def test_search_mode(demo_run):
   workdir, _ = demo_run
   query_dir = workdir.parent / "data" / "query"
   query = sorted(query_dir.glob("*.jpg"))[0]
-  done = _run("--config", "configs/demo.py", "--workdir", str(workdir), "--mode", "search",
+  done = run_py("--config", "configs/demo.py", "--workdir", str(workdir), "--mode", "search",
               f"--query={query}", f"--gallery_dir={workdir.parent / 'data' / 'bounding_box_test'}", "--topk=5",
               *TINY)
   assert done.returncode == 0, done.stderr[-3000:]
@@ -197,19 +187,19 @@ def test_search_mode(demo_run):
 
 
 def test_unknown_config_key_is_named(tmp_path):
-  done = _run("--config", "configs/demo.py", "--workdir", str(tmp_path), "--config.model.widht=8")
+  done = run_py("--config", "configs/demo.py", "--workdir", str(tmp_path), "--config.model.widht=8")
   assert done.returncode != 0
   assert "widht" in done.stderr
 
 
 def test_bad_value_is_named(tmp_path):
-  done = _run("--config", "configs/demo.py", "--workdir", str(tmp_path), "--config.model.rpe=diag")
+  done = run_py("--config", "configs/demo.py", "--workdir", str(tmp_path), "--config.model.rpe=diag")
   assert done.returncode != 0
   assert "--config.model.rpe='diag'" in done.stderr
 
 
 def test_missing_dataset_folder_is_named(tmp_path):
-  done = _run("--config", "configs/market.py", "--workdir", str(tmp_path),
+  done = run_py("--config", "configs/market.py", "--workdir", str(tmp_path),
               f"--config.data.root={tmp_path / 'nowhere'}")
   assert done.returncode != 0
   assert "nowhere" in done.stderr

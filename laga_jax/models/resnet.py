@@ -91,9 +91,9 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: int) -> jax.A
 
   XLA:CPU lowers a convolution's weight gradient to another convolution whose window is the whole feature
   map, which it runs 3.6x slower than the same sums as matrix products for the 7x7 stem and up to 1.3x for
-  ResNet-50's 3x3 convolutions (benchmarks/profiles/conv_weight_grad.py). `lax.platform_dependent` keeps XLA's own gradient on GPU and
-  TPU, where cuDNN and the TPU compiler have fast kernels for it; the forward pass is the plain convolution
-  everywhere.
+  ResNet-50's 3x3 convolutions (benchmarks/profiles/conv_weight_grad.py). `lax.platform_dependent` keeps
+  XLA's own gradient on GPU and TPU, where cuDNN and the TPU compiler have fast kernels for it; the forward
+  pass is the plain convolution everywhere.
   """
   return _conv(x, kernel, strides, padding)
 
@@ -104,14 +104,15 @@ def _conv2d_fwd(x, kernel, strides, padding):
 
 def _conv2d_bwd(strides, padding, residuals, g):
   x, kernel = residuals
-  _, conv_vjp = jax.vjp(lambda x, kernel: _conv(x, kernel, strides, padding), x, kernel)
+
+  def xla_grads(x, kernel, g):
+    return jax.vjp(lambda x, kernel: _conv(x, kernel, strides, padding), x, kernel)[1](g)
 
   def gemm_kernel_grad(x, kernel, g):
     dx = jax.vjp(lambda x: _conv(x, kernel, strides, padding), x)[1](g)[0]
     return dx, _kernel_grad_gemm(x, g, kernel.shape, strides, padding)
 
-  return lax.platform_dependent(x, kernel, g, cpu=gemm_kernel_grad,
-                                default=lambda x, kernel, g: conv_vjp(g))
+  return lax.platform_dependent(x, kernel, g, cpu=gemm_kernel_grad, default=xla_grads)
 
 
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
