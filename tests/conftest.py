@@ -63,9 +63,10 @@ def realdata_dir() -> pathlib.Path:
 # --- a tiny trained run, shared by the inference, export and index tests -----------------------------------
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# LAGA-Net at 32×16, width 8, trained for 2 steps (one per epoch: two checkpoint saves) on the demo data.
+# LAGA-Net at 32×16, width 8, trained for 6 steps (two epochs of 3: two checkpoint saves) on the demo data;
+# test_run.py's own run has the same shapes and schedule, so each program is compiled once for both.
 TINY_RUN = ("--config.data.image_size=(32,16)", "--config.data.resize_size=(36,18)", "--config.model.width=8",
-            "--config.model.reduction_dim=16", "--config.train.num_epochs=2", "--config.train.steps_per_epoch=1",
+            "--config.model.reduction_dim=16", "--config.train.num_epochs=2", "--config.train.steps_per_epoch=3",
             "--config.eval.batch_size=32", "--config.eval.num_figures=1", "--config.eval.evaluate_untrained=False")
 
 

@@ -1,11 +1,11 @@
 """Multi-process training and evaluation on JAX's distributed runtime, on this machine (docs/distributed.md).
 
 Two `run.py` processes on 127.0.0.1, one CPU device each (gloo collectives), train and evaluate a tiny
-LAGA-Net as one job; they must end with the parameters, BatchNorm statistics, losses and `results.json` of one
-process with two devices and the same global batch, for `shard_map` and `pmap`. A SIGTERM mid-run (what SLURM
-and Kubernetes send) stops every process at one step with a checkpoint and exit code 75, and the same command
-then resumes to the uninterrupted run's parameters, one- and two-process. Every process is bounded in time and
-killed if it outlives it.
+model (LAGA-Net's global branch) as one job; they must end with the parameters, BatchNorm statistics, losses
+and `results.json` of one process with two devices and the same global batch, for `shard_map` and `pmap`.
+A SIGTERM mid-run (what SLURM and Kubernetes send) stops every process at one step with a checkpoint and exit
+code 75, and the same command then resumes to the uninterrupted run's parameters, one- and two-process. Every
+process is bounded in time and killed if it outlives it.
 """
 
 import json
@@ -27,9 +27,14 @@ from laga_jax import safeguards
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH, EPOCHS = 6, 2
 TOTAL = STEPS_PER_EPOCH * EPOCHS
-# The demo's LAGA-Net (four branches, six heads, CE + triplet) at 64×32 and width 8, P×K = 4×2 (4 images per
-# process), two epochs with a checkpoint at the first epoch's end, evaluated without figures.
-TINY = ["--config", "configs/demo.py", "--config.data.image_size=(64,32)", "--config.data.resize_size=(72,36)",
+# The demo's global-branch model (Table III's first row: the ResNet with its BatchNorm, CE + triplet heads) at
+# 64×32 and width 8, P×K = 4×2 (4 images per process), two epochs with a checkpoint at the first epoch's end,
+# evaluated without figures. What these jobs check is the distributed runtime (process slices of each global
+# batch, collectives across processes, preemption, resume), which no model-specific layer takes part in; the
+# full LAGA-Net's cross-device numerics (four layer4 copies' BatchNorm, six heads) are checked in one process
+# by test_train.py's data-parallel tests, and its one-process run.py jobs by test_run.py. The full model's
+# programs take a third more CPU to compile in each of these ten processes.
+TINY = ["--config", "configs/demo.py:global", "--config.data.image_size=(64,32)", "--config.data.resize_size=(72,36)",
         "--config.model.width=8", "--config.model.reduction_dim=32", "--config.data.p=4", "--config.data.k=2",
         f"--config.train.steps_per_epoch={STEPS_PER_EPOCH}", f"--config.train.num_epochs={EPOCHS}",
         "--config.train.log_every_steps=2", "--config.optim.warmup_epochs=0", "--config.optim.decay_epochs=(1,)",

@@ -113,7 +113,7 @@ def test_foreign_and_stale_indexes_are_refused(trained_run, trained_extractor, t
   index, _ = index_lib.update_index(trained_extractor, [str(folder)], path)
   index.check(trained_extractor)
   stale = _copy_with(index, model_id="0" * 16, step=1)
-  with pytest.raises(index_lib.IndexMismatchError, match=r"step 1 .* of this run, .* now step 2: it is stale"):
+  with pytest.raises(index_lib.IndexMismatchError, match=r"step 1 .* of this run, .* now step 6: it is stale"):
     stale.check(trained_extractor)
   foreign = _copy_with(index, model_id="0" * 16, model="bot", workdir="/elsewhere", fingerprint={})
   with pytest.raises(index_lib.IndexMismatchError, match=r"another model \(bot .*not comparable.*--rebuild_index"):

@@ -20,7 +20,7 @@ def test_from_workdir_reads_saved_config_and_checkpoint(trained_run, trained_ext
   workdir, _, _ = trained_run
   meta = trained_extractor.metadata
   assert trained_extractor.image_size == (32, 16)
-  assert meta["model"] == "laga" and meta["checkpoint"] == "latest" and meta["step"] == 2
+  assert meta["model"] == "laga" and meta["checkpoint"] == "latest" and meta["step"] == 6
   assert meta["feature_dim"] == 6 * 8 * 32  # six heads x layer4 width (8 x 2^3 x 4)
   assert len(meta["model_id"]) == 16 and meta["workdir"] == str(workdir)
   assert trained_extractor.config.model.width == 8 and trained_extractor.config.eval.batch_size == 32

@@ -14,10 +14,12 @@ from laga_jax import trainer
 from laga_jax.checkpoint import Checkpointer, fingerprint
 
 NUM_DEMO_IDS = 40  # training identities of the default demo dataset
+# The shapes, width and evaluation batch of conftest.TINY_RUN, so that the programs of these jobs and of the
+# session's shared trained run are compiled once for both (the session's compilation cache).
 TINY = [
-    "--config.data.image_size=(64,32)", "--config.data.resize_size=(72,36)", "--config.model.width=8",
+    "--config.data.image_size=(32,16)", "--config.data.resize_size=(36,18)", "--config.model.width=8",
     "--config.model.reduction_dim=16", "--config.train.num_epochs=2", "--config.train.steps_per_epoch=3",
-    "--config.eval.batch_size=64", "--config.eval.num_figures=2",
+    "--config.eval.batch_size=32", "--config.eval.num_figures=2",
 ]
 
 
@@ -135,9 +137,9 @@ def test_maps_mode_and_trained_maps_differ_from_untrained(demo_run):
   from laga_jax.evaluation import maps
   config = demo.get_config()
   config.data.root = str(workdir.parent / "data")
-  config.update_from_flattened_dict({"data.image_size": (64, 32), "model.width": 8, "model.reduction_dim": 16})
+  config.update_from_flattened_dict({"data.image_size": (32, 16), "model.width": 8, "model.reduction_dim": 16})
   _, model, variables, _, _ = trainer.load_trained_model(config, workdir, mode="maps")
-  images = jax.numpy.asarray(np.random.default_rng(0).standard_normal((2, 64, 32, 3)), jax.numpy.float32)
+  images = jax.numpy.asarray(np.random.default_rng(0).standard_normal((2, 32, 16, 3)), jax.numpy.float32)
   trained = maps.compute_maps(model, variables, images)
   fresh = jax.jit(lambda r: model.init(r, images[:1], train=False))(jax.random.PRNGKey(3))
   untrained = maps.compute_maps(model, {"params": fresh["params"], "batch_stats": fresh["batch_stats"]}, images)
@@ -154,9 +156,9 @@ def test_compare_reuses_a_finished_run(demo_run, tmp_path):
   from laga_jax import compare
   workdir, _ = demo_run
   shutil.copytree(workdir, tmp_path / "laga")
-  overrides = ["data.root=" + str(workdir.parent / "data"), "data.image_size=(64, 32)",
-               "data.resize_size=(72, 36)", "model.width=8", "model.reduction_dim=16", "train.num_epochs=2",
-               "train.steps_per_epoch=3", "eval.batch_size=64", "eval.num_figures=2"]
+  overrides = ["data.root=" + str(workdir.parent / "data"), "data.image_size=(32, 16)",
+               "data.resize_size=(36, 18)", "model.width=8", "model.reduction_dim=16", "train.num_epochs=2",
+               "train.steps_per_epoch=3", "eval.batch_size=32", "eval.num_figures=2"]
   summary = compare.compare(["configs/demo.py"], str(tmp_path), overrides=overrides)
   first = json.loads((workdir / "results.json").read_text())
   row = summary["models"][0]
