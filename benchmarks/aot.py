@@ -215,7 +215,7 @@ TRAIN_SPLITS = {
     "market1501": (751, 12936), "dukemtmc": (702, 16522), "cuhk03_labeled": (767, 7368),
     "cuhk03_detected": (767, 7365), "msmt17": (1041, 30248), "11k_dorsal_right": (72, 962),
     "11k_dorsal_left": (73, 808), "11k_palmar_right": (72, 977), "11k_palmar_left": (76, 1004),
-    "hd": (251, 2407), "demo": (40, 1000),
+    "hd": (251, 2407), "demo": (40, 480),
 }
 
 
