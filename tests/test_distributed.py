@@ -32,8 +32,8 @@ TOTAL = STEPS_PER_EPOCH * EPOCHS
 # evaluated without figures. What these jobs check is the distributed runtime (process slices of each global
 # batch, collectives across processes, preemption, resume), which no model-specific layer takes part in; the
 # full LAGA-Net's cross-device numerics (four layer4 copies' BatchNorm, six heads) are checked in one process
-# by test_train.py's data-parallel tests, and its one-process run.py jobs by test_run.py. The full model's
-# programs take a third more CPU to compile in each of these ten processes.
+# by test_train.py's data-parallel tests, and its one-process run.py jobs by test_run.py. The full model
+# would cost each of these ten processes half as much CPU again (one process, idle: 52 against 34 CPU s).
 TINY = ["--config", "configs/demo.py:global", "--config.data.image_size=(64,32)", "--config.data.resize_size=(72,36)",
         "--config.model.width=8", "--config.model.reduction_dim=32", "--config.data.p=4", "--config.data.k=2",
         f"--config.train.steps_per_epoch={STEPS_PER_EPOCH}", f"--config.train.num_epochs={EPOCHS}",
