@@ -63,11 +63,14 @@ def realdata_dir() -> pathlib.Path:
 # --- a tiny trained run, shared by the inference, export and index tests -----------------------------------
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# LAGA-Net at 32×16, width 8, trained for 6 steps (two epochs of 3: two checkpoint saves) on the demo data;
-# test_run.py's own run has the same shapes and schedule, so each program is compiled once for both.
-TINY_RUN = ("--config.data.image_size=(32,16)", "--config.data.resize_size=(36,18)", "--config.model.width=8",
-            "--config.model.reduction_dim=16", "--config.train.num_epochs=2", "--config.train.steps_per_epoch=3",
-            "--config.eval.batch_size=32", "--config.eval.num_figures=1", "--config.eval.evaluate_untrained=False")
+# The tiny LAGA-Net of the suite's run.py jobs on the demo data (this file's shared run and test_run.py's): 32×16,
+# width 8, 6 steps (two epochs of 3: two checkpoint saves). One model, schedule and evaluation batch for all of
+# them, so that each of their programs is compiled once per session (the compilation cache above).
+TINY_LAGA = ("--config.data.image_size=(32,16)", "--config.data.resize_size=(36,18)", "--config.model.width=8",
+             "--config.model.reduction_dim=16", "--config.train.num_epochs=2", "--config.train.steps_per_epoch=3",
+             "--config.eval.batch_size=32")
+# The shared trained run: one figure, no evaluation of the untrained model.
+TINY_RUN = (*TINY_LAGA, "--config.eval.num_figures=1", "--config.eval.evaluate_untrained=False")
 
 
 def run_py_env(devices: int = 1, **extra: str) -> dict:

@@ -8,19 +8,13 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import run_py
+from conftest import TINY_LAGA, run_py
 from configs import demo
 from laga_jax import trainer
 from laga_jax.checkpoint import Checkpointer, fingerprint
 
 NUM_DEMO_IDS = 40  # training identities of the default demo dataset
-# The shapes, width and evaluation batch of conftest.TINY_RUN, so that the programs of these jobs and of the
-# session's shared trained run are compiled once for both (the session's compilation cache).
-TINY = [
-    "--config.data.image_size=(32,16)", "--config.data.resize_size=(36,18)", "--config.model.width=8",
-    "--config.model.reduction_dim=16", "--config.train.num_epochs=2", "--config.train.steps_per_epoch=3",
-    "--config.eval.batch_size=32", "--config.eval.num_figures=2",
-]
+TINY = [*TINY_LAGA, "--config.eval.num_figures=2"]
 
 
 @pytest.fixture(scope="module")
@@ -156,9 +150,7 @@ def test_compare_reuses_a_finished_run(demo_run, tmp_path):
   from laga_jax import compare
   workdir, _ = demo_run
   shutil.copytree(workdir, tmp_path / "laga")
-  overrides = ["data.root=" + str(workdir.parent / "data"), "data.image_size=(32, 16)",
-               "data.resize_size=(36, 18)", "model.width=8", "model.reduction_dim=16", "train.num_epochs=2",
-               "train.steps_per_epoch=3", "eval.batch_size=32", "eval.num_figures=2"]
+  overrides = ["data.root=" + str(workdir.parent / "data"), *(arg.removeprefix("--config.") for arg in TINY)]
   summary = compare.compare(["configs/demo.py"], str(tmp_path), overrides=overrides)
   first = json.loads((workdir / "results.json").read_text())
   row = summary["models"][0]
