@@ -13,6 +13,9 @@ Three comparisons, each as images/s of JAX divided by images/s of PyTorch (> 1: 
              `laga_jax.evaluation.features.flip_sum_normalise` vs the reference's eval forward.
 Both frameworks start from the same weights (the reference's init, ported with the project's weight port).
 The runs alternate JAX / PyTorch `--repeats` times, so both see the same machine load; the median is kept.
+PyTorch flushes denormal floats to zero, as XLA:CPU always does (`--torch-denormals keep` turns that off):
+SAM-RPE's softmax leaves attention weights below float32's normal range, and Intel CPUs multiply those
+~30x slower, which tripled the reference's train step on a Xeon while JAX computed the same step with zeros.
 Needs torch and the project's requirements in one environment (benchmarks/torch_reference/README.md).
 """
 
@@ -119,7 +122,7 @@ class JaxFeatures(Runner):
 class JaxBackbone(Runner):
   def __init__(self, size, torch_state_dict, batch):
     from configs import base
-    from laga_jax import optim, weights
+    from laga_jax import optim, weights, xla_options
     from laga_jax import train as train_lib
     config = base.get_config()
     config.loss.ce.label_smoothing, config.loss.triplet.weight = 0.0, 0.0    # plain CE
@@ -133,7 +136,8 @@ class JaxBackbone(Runner):
     tx = optim.make_optimizer(config.optim, 100)
     state = train_lib.create_train_state(model, tx, variables, jax.random.PRNGKey(0))
     self.state, self.batch, self.images = jax.device_put(state), jax.device_put(batch), len(batch["label"])
-    step = jax.jit(train_lib.make_train_step(config.loss, axis_name=None), donate_argnums=(0,))
+    step = jax.jit(train_lib.make_train_step(config.loss, axis_name=None), donate_argnums=(0,),
+                   compiler_options=xla_options.compiler_options(jax.default_backend()))
     start = time.perf_counter()
     self.step = step.lower(self.state, self.batch).compile()
     self.compile_s = time.perf_counter() - start
@@ -207,6 +211,18 @@ class TorchBackbone(Runner):
     self.optimizer.step()
 
 
+def cpu_model() -> str:
+  """The CPU's model name and widest vector ISA, from /proc/cpuinfo (the ratios differ between CPUs)."""
+  try:
+    info = pathlib.Path("/proc/cpuinfo").read_text()
+  except OSError:
+    return platform.processor() or platform.machine()
+  name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+  flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+  isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+  return f"{name or platform.machine()} ({isa})"
+
+
 def main(argv: Optional[list] = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--size", default="full", choices=tuple(SIZES), help="network and batch sizes")
@@ -215,6 +231,8 @@ def main(argv: Optional[list] = None) -> dict:
   parser.add_argument("--repeats", type=int, default=3, help="alternating JAX / torch runs (median kept)")
   parser.add_argument("--warmup", type=int, default=1, help="untimed calls of each runner first")
   parser.add_argument("--torch-threads", type=int, default=os.cpu_count())
+  parser.add_argument("--torch-denormals", default="flush", choices=("flush", "keep"),
+                      help="flush: torch.set_flush_denormal(True), the arithmetic XLA:CPU uses (default)")
   parser.add_argument("--out", default="", help="write the results as JSON here (e.g. benchmarks/results/...)")
   args = parser.parse_args(argv)
   size = SIZES[args.size]
@@ -225,6 +243,8 @@ def main(argv: Optional[list] = None) -> dict:
 
   import torch
   torch.set_num_threads(args.torch_threads)
+  if args.torch_denormals == "flush" and not torch.set_flush_denormal(True):
+    print("this CPU cannot flush denormals in torch (no SSE3): they are kept", file=sys.stderr)
   spec = spec_lib.Spec(stage_sizes=size["stage_sizes"], width=size["width"], reduction_dim=size["reduction_dim"],
                        num_classes=size["num_classes"], image=size["image"], dropout=0.5,
                        p=size["batch"] // 4, k=4, steps=1)
@@ -268,7 +288,7 @@ def main(argv: Optional[list] = None) -> dict:
   device = jax.local_devices()[0]
   results = []
   print(f"\nJAX {jax.__version__} on {device.device_kind} vs torch {torch.__version__} "
-        f"({args.torch_threads} threads); size {args.size}: {size}")
+        f"({args.torch_threads} threads, denormals {args.torch_denormals}); size {args.size}: {size}")
   print("| comparison | JAX images/s | torch images/s | JAX / torch | target | JAX compile s |\n"
         "| --- | ---: | ---: | ---: | ---: | ---: |")
   for name, pair in pairs.items():
@@ -280,11 +300,12 @@ def main(argv: Optional[list] = None) -> dict:
     results.append(row)
     print(f"| {name} | {jax_rate:.3f} | {torch_rate:.3f} | {row['jax_over_torch']:.2f} | >= {TARGETS[name]} | "
           f"{row['jax_compile_s']:.1f} |")
-  print(f"load average before: {load_before[0]:.2f}, after: {load_after[0]:.2f} ({os.cpu_count()} CPUs); "
+  print(f"load average before: {load_before[0]:.2f}, after: {load_after[0]:.2f} ({os.cpu_count()} CPUs, "
+        f"{cpu_model()}); "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   report = {"args": vars(args), "size": {k: list(v) if isinstance(v, tuple) else v for k, v in size.items()},
             "results": results, "device": device.device_kind, "platform": device.platform,
-            "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "machine": cpu_model(), "torch_denormals": args.torch_denormals,
             "python": platform.python_version(), "jax": jax.__version__, "torch": torch.__version__,
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "load_average_before": load_before,
             "load_average_after": load_after,

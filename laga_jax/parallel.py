@@ -14,6 +14,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from laga_jax import xla_options
+
 DATA_AXIS = "data"
 PARALLEL_MODES = ("shard_map", "pmap")
 
@@ -88,7 +90,8 @@ class DataParallel:
       return jax.pmap(fn, axis_name=DATA_AXIS, in_axes=(None, 0), out_axes=None,
                       devices=self.devices, donate_argnums=donate)
     mapped = jax.shard_map(fn, mesh=self.mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P())
-    return jax.jit(mapped, donate_argnums=donate)
+    return jax.jit(mapped, donate_argnums=donate,
+                   compiler_options=xla_options.compiler_options(self.devices[0].platform))
 
   def _pmap_across_processes(self) -> bool:
     return self.mode == "pmap" and jax.process_count() > 1

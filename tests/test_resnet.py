@@ -134,3 +134,38 @@ def test_bad_arguments_raise(kwargs, shape, match):
   model = resnet.ResNet(**{"stage_sizes": (1, 1, 1, 1), "width": 8, **kwargs})
   with pytest.raises(ValueError, match=match):
     jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros(shape))
+
+
+@pytest.mark.parametrize("avx512", [False, True], ids=["gemm_gradient", "xla_gradient"])
+@pytest.mark.parametrize("kernel_size, strides, padding, shape", [
+    (3, 1, 1, (2, 7, 5, 24)), (3, 2, 1, (2, 8, 6, 8)), (7, 2, 3, (1, 12, 10, 3))])
+def test_conv2d_gradients_equal_xla(monkeypatch, avx512, kernel_size, strides, padding, shape):
+  """conv2d's CPU backward (GEMM weight gradients without AVX-512, XLA's own with it) equals XLA's autodiff."""
+  monkeypatch.setattr(resnet, "host_has_avx512", lambda: avx512)
+  rng = np.random.default_rng(kernel_size + strides)
+  x = jnp.asarray(rng.standard_normal(shape, np.float32))
+  kernel = jnp.asarray(rng.standard_normal((kernel_size, kernel_size, shape[-1], 16), np.float32))
+  y, vjp = jax.vjp(lambda x, k: resnet._conv(x, k, strides, padding), x, kernel)
+  g = jnp.asarray(rng.standard_normal(y.shape, np.float32))
+  dx_ref, dk_ref = vjp(g)
+  with jax.default_matmul_precision("highest"):
+    dk_gemm = resnet._kernel_grad_gemm(x, g, kernel.shape, strides, padding)
+    dx, dk = jax.vjp(lambda x, k: resnet.conv2d(x, k, strides, padding), x, kernel)[1](g)
+  scale = np.abs(dk_ref).max()
+  np.testing.assert_allclose(dk_gemm, dk_ref, rtol=1e-5, atol=1e-5 * scale)
+  np.testing.assert_allclose(dk, dk_ref, rtol=1e-5, atol=1e-5 * scale)
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5 * np.abs(dx_ref).max())
+
+
+def test_cpu_compiler_options_leave_convolutions_to_eigen():
+  """On CPU the train step's options keep convolutions out of YNNPACK; other platforms get none."""
+  from laga_jax import xla_options
+  assert xla_options.compiler_options("gpu") is None and xla_options.compiler_options("tpu") is None
+  options = xla_options.compiler_options("cpu")
+  if options is None:
+    pytest.skip("this jaxlib does not know xla_cpu_experimental_ynn_fusion_type: XLA's defaults apply")
+  x, kernel = jnp.ones((4, 16, 8, 64)), jnp.ones((3, 3, 64, 64))
+  conv = lambda x, k: resnet._conv(x, k, 1, 1)
+  entry = lambda text: text[text.index("ENTRY"):]
+  with_options = entry(jax.jit(conv, compiler_options=options).lower(x, kernel).compile().as_text())
+  assert "convolution" in with_options and "ynn_fusion" not in with_options

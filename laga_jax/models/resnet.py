@@ -85,15 +85,27 @@ def _kernel_grad_gemm(x: jax.Array, g: jax.Array, kernel_shape: Tuple[int, ...],
   return grad.reshape(kernel_shape).astype(x.dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def host_has_avx512() -> bool:
+  """Whether this machine's CPU has AVX-512 (Linux /proc/cpuinfo; False where it cannot be read)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      return any(line.startswith("flags") and " avx512f" in line for line in f)
+  except OSError:
+    return False
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: int) -> jax.Array:
-  """A bias-free NHWC convolution, symmetric padding; on CPU its weight gradient is computed as GEMMs.
+  """A bias-free NHWC convolution, symmetric padding; on AVX2 CPUs its weight gradient is computed as GEMMs.
 
-  XLA:CPU lowers a convolution's weight gradient to another convolution whose window is the whole feature
-  map, which it runs 3.6x slower than the same sums as matrix products for the 7x7 stem and up to 1.3x for
-  ResNet-50's 3x3 convolutions (benchmarks/profiles/conv_weight_grad.py). `lax.platform_dependent` keeps
-  XLA's own gradient on GPU and TPU, where cuDNN and the TPU compiler have fast kernels for it; the forward
-  pass is the plain convolution everywhere.
+  Which weight gradient is faster on CPU depends on the CPU (benchmarks/profiles/conv_weight_grad.py). On an
+  AVX2 EPYC, XLA's (a convolution whose window is the whole feature map) ran 3.6x slower than the same sums
+  as matrix products for the 7x7 stem and up to 1.3x for ResNet-50's 3x3 convolutions. On an AVX-512 Xeon,
+  with convolutions left to Eigen (`laga_jax.xla_options`), XLA's ran 1.6-6x faster than the GEMMs. So the
+  GEMMs are used on CPUs without AVX-512 only. `lax.platform_dependent` keeps XLA's own gradient on GPU and
+  TPU, where cuDNN and the TPU compiler have fast kernels for it; the forward pass is the plain convolution
+  everywhere.
   """
   return _conv(x, kernel, strides, padding)
 
@@ -112,7 +124,8 @@ def _conv2d_bwd(strides, padding, residuals, g):
     dx = jax.vjp(lambda x: _conv(x, kernel, strides, padding), x)[1](g)[0]
     return dx, _kernel_grad_gemm(x, g, kernel.shape, strides, padding)
 
-  return lax.platform_dependent(x, kernel, g, cpu=gemm_kernel_grad, default=xla_grads)
+  cpu = xla_grads if host_has_avx512() else gemm_kernel_grad
+  return lax.platform_dependent(x, kernel, g, cpu=cpu, default=xla_grads)
 
 
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
