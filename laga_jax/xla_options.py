@@ -24,6 +24,19 @@ CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
 
 
 @functools.lru_cache(maxsize=None)
+def host_has_avx512() -> bool:
+  """Whether this machine's CPU has AVX-512 (Linux /proc/cpuinfo; False where it cannot be read).
+
+  `resnet.conv2d` picks its CPU weight gradient by it: GEMMs without AVX-512, XLA's own with it.
+  """
+  try:
+    with open("/proc/cpuinfo") as f:
+      return any(line.startswith("flags") and " avx512f" in line for line in f)
+  except OSError:
+    return False
+
+
+@functools.lru_cache(maxsize=None)
 def compiler_options(platform: str) -> Optional[Dict[str, str]]:
   """`jax.jit(..., compiler_options=...)` for programs that run on `platform` ("cpu", "gpu", "tpu").
 

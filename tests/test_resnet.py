@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from laga_jax import weights
+from laga_jax import weights, xla_options
 from laga_jax.models import resnet
 
 RESNET50_PARAMS = 25_557_032  # torchvision: sum(p.numel() for p in resnet50().parameters())
@@ -141,7 +141,7 @@ def test_bad_arguments_raise(kwargs, shape, match):
     (3, 1, 1, (2, 7, 5, 24)), (3, 2, 1, (2, 8, 6, 8)), (7, 2, 3, (1, 12, 10, 3))])
 def test_conv2d_gradients_equal_xla(monkeypatch, avx512, kernel_size, strides, padding, shape):
   """conv2d's CPU backward (GEMM weight gradients without AVX-512, XLA's own with it) equals XLA's autodiff."""
-  monkeypatch.setattr(resnet, "host_has_avx512", lambda: avx512)
+  monkeypatch.setattr(xla_options, "host_has_avx512", lambda: avx512)
   rng = np.random.default_rng(kernel_size + strides)
   x = jnp.asarray(rng.standard_normal(shape, np.float32))
   kernel = jnp.asarray(rng.standard_normal((kernel_size, kernel_size, shape[-1], 16), np.float32))
@@ -159,13 +159,11 @@ def test_conv2d_gradients_equal_xla(monkeypatch, avx512, kernel_size, strides, p
 
 def test_cpu_compiler_options_leave_convolutions_to_eigen():
   """On CPU the train step's options keep convolutions out of YNNPACK; other platforms get none."""
-  from laga_jax import xla_options
   assert xla_options.compiler_options("gpu") is None and xla_options.compiler_options("tpu") is None
   options = xla_options.compiler_options("cpu")
   if options is None:
     pytest.skip("this jaxlib does not know xla_cpu_experimental_ynn_fusion_type: XLA's defaults apply")
   x, kernel = jnp.ones((4, 16, 8, 64)), jnp.ones((3, 3, 64, 64))
-  conv = lambda x, k: resnet._conv(x, k, 1, 1)
-  entry = lambda text: text[text.index("ENTRY"):]
-  with_options = entry(jax.jit(conv, compiler_options=options).lower(x, kernel).compile().as_text())
+  compiled = jax.jit(lambda x, k: resnet._conv(x, k, 1, 1), compiler_options=options).lower(x, kernel).compile()
+  with_options = compiled.as_text()[compiled.as_text().index("ENTRY"):]
   assert "convolution" in with_options and "ynn_fusion" not in with_options

@@ -38,7 +38,7 @@ def main() -> None:
   def jit(fn):
     return jax.jit(fn, compiler_options=options)
 
-  print(f"{jax.devices()[0].platform}, AVX-512: {resnet.host_has_avx512()}, options {options}, "
+  print(f"{jax.devices()[0].platform}, AVX-512: {xla_options.host_has_avx512()}, options {options}, "
         f"load average {os.getloadavg()[0]:.2f}")
   print(f"{'conv':14s} {'forward ms':>10s} {'XLA grad ms':>11s} {'GEMM grad ms':>12s} {'speed-up':>8s} {'rel diff':>8s}")
   for name, h, w, cin, cout, k, stride in SHAPES:

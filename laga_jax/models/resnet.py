@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from laga_jax import xla_options
 from laga_jax.models.layers import BatchNorm
 
 Dtype = Any
@@ -85,16 +86,6 @@ def _kernel_grad_gemm(x: jax.Array, g: jax.Array, kernel_shape: Tuple[int, ...],
   return grad.reshape(kernel_shape).astype(x.dtype)
 
 
-@functools.lru_cache(maxsize=None)
-def host_has_avx512() -> bool:
-  """Whether this machine's CPU has AVX-512 (Linux /proc/cpuinfo; False where it cannot be read)."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      return any(line.startswith("flags") and " avx512f" in line for line in f)
-  except OSError:
-    return False
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv2d(x: jax.Array, kernel: jax.Array, strides: int, padding: int) -> jax.Array:
   """A bias-free NHWC convolution, symmetric padding; on AVX2 CPUs its weight gradient is computed as GEMMs.
@@ -124,7 +115,7 @@ def _conv2d_bwd(strides, padding, residuals, g):
     dx = jax.vjp(lambda x: _conv(x, kernel, strides, padding), x)[1](g)[0]
     return dx, _kernel_grad_gemm(x, g, kernel.shape, strides, padding)
 
-  cpu = xla_grads if host_has_avx512() else gemm_kernel_grad
+  cpu = xla_grads if xla_options.host_has_avx512() else gemm_kernel_grad
   return lax.platform_dependent(x, kernel, g, cpu=cpu, default=xla_grads)
 
 
