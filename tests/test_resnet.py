@@ -1,6 +1,7 @@
 """torchvision ResNet-50 parity on the synthetic-weight fixture (fixtures/README.md) and the ResNet API."""
 
 import importlib.util
+import re
 
 import jax
 import jax.numpy as jnp
@@ -167,3 +168,36 @@ def test_cpu_compiler_options_leave_convolutions_to_eigen():
   compiled = jax.jit(lambda x, k: resnet._conv(x, k, 1, 1), compiler_options=options).lower(x, kernel).compile()
   with_options = compiled.as_text()[compiled.as_text().index("ENTRY"):]
   assert "convolution" in with_options and "ynn_fusion" not in with_options
+
+
+@pytest.mark.parametrize("channels", [(8, 24), (24, 8)], ids=["widening", "narrowing"])
+def test_pointwise_gradients_equal_autodiff(channels):
+  """pointwise's backward (on CPU the weight gradient written thinner-map-first) equals the einsum's autodiff."""
+  cin, cout = channels
+  rng = np.random.default_rng(cin)
+  x = jnp.asarray(rng.standard_normal((2, 5, 3, cin), np.float32))
+  kernel = jnp.asarray(rng.standard_normal((cin, cout), np.float32))
+  g = jnp.asarray(rng.standard_normal((2, 5, 3, cout), np.float32))
+  with jax.default_matmul_precision("highest"):
+    dx_ref, dk_ref = jax.vjp(lambda x, k: jnp.einsum("bhwc,cd->bhwd", x, k), x, kernel)[1](g)
+    dx, dk = jax.jit(lambda x, k, g: jax.vjp(resnet.pointwise, x, k)[1](g))(x, kernel, g)
+  np.testing.assert_allclose(dk, dk_ref, rtol=1e-5, atol=1e-5 * np.abs(dk_ref).max())
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5 * np.abs(dx_ref).max())
+
+
+@pytest.mark.parametrize("channels", [(16, 64), (64, 16)], ids=["widening", "narrowing"])
+def test_pointwise_weight_gradient_transposes_the_thinner_map(channels):
+  """Compiled for CPU, a 1x1 convolution's weight gradient copies no (channels, positions) transpose of its
+  wider map: only the thinner one is transposed for the matrix product (or none is)."""
+  cin, cout = channels
+  x, g = jnp.ones((4, 16, 8, cin)), jnp.ones((4, 16, 8, cout))
+  wide = max(cin, cout)
+
+  def weight_grad(x, k, g):
+    return jax.vjp(lambda k: resnet.pointwise(x, k), k)[1](g * 0.5 + 1.0)[0]
+
+  compiled = jax.jit(weight_grad, compiler_options=xla_options.compiler_options("cpu")).lower(
+      x, jnp.ones((cin, cout)), g).compile().as_text()
+  entry = compiled[compiled.index("ENTRY"):]
+  transposed = re.findall(r"= f32\[(\d+),512\]\{1,0\} (?:fusion|copy|transpose)", entry)
+  assert str(wide) not in transposed, transposed

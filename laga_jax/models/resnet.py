@@ -54,7 +54,43 @@ class PointwiseConv(nn.Module):
     kernel = self.param("kernel", conv_kernel_init, (1, 1, x.shape[-1], self.features), jnp.float32)
     if self.strides > 1:
       x = x[:, ::self.strides, ::self.strides, :]  # a padding-free 1x1 conv with stride s samples every s-th pixel
-    return jnp.einsum("bhwc,cd->bhwd", x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
+    return pointwise(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
+
+
+@jax.custom_vjp
+def pointwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """y[b,h,w,d] = sum_c x[b,h,w,c] W[c,d]: a 1x1 convolution; on CPU its weight gradient transposes the thinner map.
+
+  For the weight gradient dW = sum over positions of x^T g, XLA:CPU copies one of the two maps into a
+  (channels, positions) transpose first, fused with the BatchNorm backward that produces g. Which map it
+  copies depends on how the product is written; written with the thinner map first, it copies that one: up
+  to 4x fewer bytes (64 against 256 channels in a bottleneck; benchmarks/RESULTS.md). Other platforms keep
+  the plain autodiff product.
+  """
+  return jnp.einsum("bhwc,cd->bhwd", x, kernel)
+
+
+def _pointwise_fwd(x, kernel):
+  return pointwise(x, kernel), (x, kernel)
+
+
+def _pointwise_bwd(residuals, g):
+  x, kernel = residuals
+  dx = jnp.einsum("bhwd,cd->bhwc", g, kernel)
+
+  def autodiff(x, g):
+    return jnp.einsum("bhwc,bhwd->cd", x, g)
+
+  def thinner_first(x, g):
+    if x.shape[-1] <= g.shape[-1]:
+      return jnp.einsum("bhwc,bhwd->cd", x, g)
+    return jnp.einsum("bhwd,bhwc->dc", g, x).T
+
+  dkernel = lax.platform_dependent(x, g, cpu=thinner_first, default=autodiff)
+  return dx, dkernel.astype(kernel.dtype)
+
+
+pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
 
 
 _CONV_DIMS = ("NHWC", "HWIO", "NHWC")
