@@ -119,7 +119,7 @@ def per_shape(args) -> list:
 
 
 def backbone_step(args) -> dict:
-  import torch  # noqa: F401  (compare_torch's torch side makes the shared initial weights)
+  import torch  # noqa: F401  (here, before compiling: the shared initial weights come from torch)
   from benchmarks.compare_torch import SIZES, JaxBackbone, TorchBackbone
   size = SIZES["full"]
   rng = np.random.default_rng(0)

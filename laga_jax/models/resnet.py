@@ -83,7 +83,7 @@ def _pointwise_bwd(residuals, g):
 
   def thinner_first(x, g):
     if x.shape[-1] <= g.shape[-1]:
-      return jnp.einsum("bhwc,bhwd->cd", x, g)
+      return autodiff(x, g)
     return jnp.einsum("bhwd,bhwc->dc", g, x).T
 
   dkernel = lax.platform_dependent(x, g, cpu=thinner_first, default=autodiff)
