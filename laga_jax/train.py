@@ -43,8 +43,10 @@ class TrainState(train_state.TrainState):
 def create_train_state(model: flax.linen.Module, tx: optax.GradientTransformation,
                        variables: dict, rng: jax.Array) -> TrainState:
   """Wrap initialised (and possibly pretrained) `variables` into a `TrainState` at step 0."""
-  return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                           batch_stats=variables["batch_stats"], rng=rng)
+  # One program: eagerly, the optimiser's initial state compiles a zeros op per distinct parameter shape.
+  create = jax.jit(lambda params, batch_stats, rng: TrainState.create(
+      apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats, rng=rng))
+  return create(variables["params"], variables["batch_stats"], rng)
 
 
 def _gather_batch(x: jax.Array, axis: int, axis_name: Optional[str]) -> jax.Array:

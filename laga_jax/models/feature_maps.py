@@ -13,25 +13,36 @@ Names: "act:<module path>" ("act:<path>#<k>" for the k-th call of a stage called
 "sam:<module>@query=<row>,<col>" / "sam:<module>@mean" and "cam:<module>".
 """
 
+import functools
 from typing import Dict, Optional, Sequence
 
 import flax
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from laga_jax.models.attention import CAM, SAMRPE
 from laga_jax.models.resnet import ResNetStage
 
 
-def _capture(model, variables: dict, images: jax.Array, kinds: tuple) -> Dict[str, list]:
-  """{module path: [output of each call]} of the modules of `kinds`, and {path + "/attention": [...]}
-  for the attention matrices they record (eval mode)."""
+@functools.partial(jax.jit, static_argnames=("model", "kinds"))
+def _intermediates(model, variables: dict, images: jax.Array, kinds: tuple) -> dict:
+  """The "intermediates" collection of an eval-mode forward pass: the outputs of the modules of `kinds`.
+
+  One compiled program: applied eagerly, the forward pass compiled each of its ~150 operations on its own
+  (7 of the 48 CPU seconds of a tiny demo run, most of them again when a process drew its figures).
+  """
   def wanted(module, method_name: str) -> bool:
     return method_name == "__call__" and isinstance(module, kinds)
 
   _, state = model.apply(variables, images, train=False, capture_intermediates=wanted, mutable=["intermediates"])
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(state["intermediates"]))
+  return state["intermediates"]
+
+
+def _capture(model, variables: dict, images: jax.Array, kinds: tuple) -> Dict[str, list]:
+  """{module path: [output of each call]} of the modules of `kinds`, and {path + "/attention": [...]}
+  for the attention matrices they record (eval mode), as host arrays."""
+  intermediates = jax.device_get(_intermediates(model, variables, images, kinds))
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(intermediates))
   out: Dict[str, list] = {}
   for path, value in flat.items():
     if path[-1] not in ("__call__", "attention"):
@@ -52,7 +63,7 @@ def _final_stage_maps(captured: Dict[str, list], exclude: set) -> Dict[str, np.n
       continue
     for k, value in enumerate(calls):
       key = f"act:{name}" if len(calls) == 1 else f"act:{name}#{k}"
-      maps[key] = np.asarray(jnp.linalg.norm(value.astype(jnp.float32), axis=-1))
+      maps[key] = np.linalg.norm(np.asarray(value, np.float32), axis=-1)
   return maps
 
 
@@ -91,5 +102,5 @@ def attention_maps(model, variables: dict, images: jax.Array, *,
       maps[f"sam:{name}@mean"] = np.asarray(att.mean(axis=1).reshape(b, h, w), np.float32)
     elif att.shape[-1] == c:            # CAM: (B, C, C) over channels
       weights = att.mean(axis=1)        # how much each channel is attended to
-      maps[f"cam:{name}"] = np.asarray(jnp.abs(jnp.einsum("bhwc,bc->bhw", out.astype(jnp.float32), weights)))
+      maps[f"cam:{name}"] = np.abs(np.einsum("bhwc,bc->bhw", np.asarray(out, np.float32), weights))
   return maps
