@@ -63,14 +63,15 @@ def realdata_dir() -> pathlib.Path:
 # --- a tiny trained run, shared by the inference, export and index tests -----------------------------------
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# The tiny LAGA-Net of the suite's run.py jobs on the demo data (this file's shared run and test_run.py's): 32×16,
-# width 8, 6 steps (two epochs of 3: two checkpoint saves). One model, schedule and evaluation batch for all of
-# them, so that each of their programs is compiled once per session (the compilation cache above).
+# The tiny LAGA-Net of the suite's run.py jobs on the demo data (this file's shared run and test_run.py's later
+# jobs on it): 32×16, width 8, 6 steps (two epochs of 3: two checkpoint saves). One model, schedule and
+# evaluation batch for all of them, so that each of their programs is compiled once per session (the
+# compilation cache above).
 TINY_LAGA = ("--config.data.image_size=(32,16)", "--config.data.resize_size=(36,18)", "--config.model.width=8",
              "--config.model.reduction_dim=16", "--config.train.num_epochs=2", "--config.train.steps_per_epoch=3",
              "--config.eval.batch_size=32")
-# The shared trained run: one figure, no evaluation of the untrained model.
-TINY_RUN = (*TINY_LAGA, "--config.eval.num_figures=1", "--config.eval.evaluate_untrained=False")
+# The shared trained run, as a user's demo run ends: the untrained model evaluated too, two figures.
+TINY_RUN = (*TINY_LAGA, "--config.eval.num_figures=2")
 
 
 def run_py_env(devices: int = 1, **extra: str) -> dict:
@@ -90,7 +91,8 @@ def run_py(*args, timeout: int = 900):
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
   """(workdir, data root, the run's CompletedProcess): the demo config trained briefly and evaluated by
-  run.py, so the workdir has config.json, checkpoints and evaluation's features_final.npz."""
+  run.py, so the workdir has config.json, checkpoints and evaluation's features_final.npz. Tests that run
+  more jobs in a workdir run them in a copy of it."""
   root = tmp_path_factory.mktemp("trained")
   done = run_py("--config", "configs/demo.py", "--workdir", root / "run", f"--config.data.root={root / 'data'}",
                 *TINY_RUN)
@@ -108,10 +110,10 @@ def trained_extractor(trained_run):
 # --- scheduling on two workers (pytest-xdist; pytest.ini sets `-n 2 --no-loadscope-reorder`) ---------------
 
 # Files that share the session's tiny trained run: one worker builds it once for all of them.
-_TRAINED_RUN_FILES = ("test_export.py", "test_index.py", "test_inference.py")
+_TRAINED_RUN_FILES = ("test_run.py", "test_export.py", "test_index.py", "test_inference.py")
 # The longest work units (run.py subprocesses, multi-process jobs), started first so the workers end together.
-_LONGEST_FIRST = ("test_distributed.py", "test_run.py", "trained_run", "test_hand_protocol_run.py",
-                  "test_models.py", "test_train.py")
+_LONGEST_FIRST = ("test_distributed.py", "trained_run", "test_hand_protocol_run.py", "test_models.py",
+                  "test_train.py")
 
 
 def _unit(nodeid: str) -> str:

@@ -3,32 +3,32 @@
 import json
 import os
 import re
+import shutil
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import TINY_LAGA, run_py
+from conftest import TINY_LAGA, TINY_RUN, run_py
 from configs import demo
 from laga_jax import trainer
 from laga_jax.checkpoint import Checkpointer, fingerprint
 
 NUM_DEMO_IDS = 40  # training identities of the default demo dataset
-TINY = [*TINY_LAGA, "--config.eval.num_figures=2"]
+TINY = list(TINY_RUN)
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-  root = tmp_path_factory.mktemp("demo")
-  workdir = root / "run"
-  done = run_py("--config", "configs/demo.py", "--workdir", str(workdir),
-              f"--config.data.root={root / 'data'}", *TINY)
-  assert done.returncode == 0, done.stderr[-3000:]
-  return workdir, done
+@pytest.fixture
+def demo_run(trained_run, tmp_path):
+  """(workdir, data root, CompletedProcess) of the session's tiny demo run (conftest.trained_run), the workdir
+  copied so that the jobs a test runs in it leave the shared one as it was."""
+  workdir, data, done = trained_run
+  shutil.copytree(workdir, tmp_path / "run")
+  return tmp_path / "run", data, done
 
 
 def test_demo_writes_results(demo_run):
-  workdir, done = demo_run
+  workdir, _, done = demo_run
   results = json.loads((workdir / "results.json").read_text())
   for key in ("rank1", "mAP", "mAP_step", "mINP"):
     assert 0.0 <= results[key] <= 1.0, key
@@ -54,7 +54,7 @@ OWN_LINE = re.compile(r"^(\d\d:\d\d:\d\d |(train|features): )")
 def test_a_normal_run_prints_no_library_warnings(demo_run):
   """No library speaks during a normal run: not orbax's "Waiting for previous save to complete" at every
   checkpoint (two here), no absl, TensorFlow or Python warnings; every stderr line is one of ours."""
-  _, done = demo_run
+  _, _, done = demo_run
   lines = [line for line in done.stderr.replace("\r", "\n").splitlines() if line.strip()]
   assert any(line.startswith("train: ") for line in lines), done.stderr[-2000:]
   foreign = [line for line in lines if not OWN_LINE.match(line) or "WARNING" in line
@@ -65,10 +65,10 @@ def test_a_normal_run_prints_no_library_warnings(demo_run):
 def test_eval_mode_reuses_checkpoint_on_two_datasets(demo_run, tmp_path):
   """--mode eval on the training set and on a second site (demo_b): one results.json, a block per target,
   the training-set numbers unchanged, the untrained model scored on demo_b too, no fingerprint refusal."""
-  workdir, _ = demo_run
+  workdir, data, _ = demo_run
   first = json.loads((workdir / "results.json").read_text())
   done = run_py("--config", "configs/demo.py", "--workdir", str(workdir), "--mode", "eval",
-              f"--config.data.root={workdir.parent / 'data'}", "--config.eval.datasets=demo,demo_b", *TINY)
+              f"--config.data.root={data}", "--config.eval.datasets=demo,demo_b", *TINY)
   assert done.returncode == 0, done.stderr[-3000:]
   again = json.loads((workdir / "results.json").read_text())
   assert set(again["targets"]) == {"demo", "demo_b"}
@@ -83,15 +83,11 @@ def test_eval_mode_reuses_checkpoint_on_two_datasets(demo_run, tmp_path):
   assert np.nanmean(per_query["ap"]) == pytest.approx(first["mAP"], rel=1e-6)
 
 
-def test_eval_needs_no_training_split(demo_run, tmp_path):
+def test_eval_needs_no_training_split(demo_run, trained_run, tmp_path):
   """--mode eval on targets that hold only query and gallery: a Market-layout copy without
   bounding_box_train/ and a `custom` tree without train/, both of the demo's test images, score as the
   training set's own evaluation does."""
-  import shutil
-  workdir, _ = demo_run
-  run = tmp_path / "run"
-  shutil.copytree(workdir, run)
-  data = workdir.parent / "data"
+  run, data, _ = demo_run
   market = tmp_path / "test_only"
   market.mkdir()
   for folder in ("query", "bounding_box_test"):
@@ -105,10 +101,11 @@ def test_eval_needs_no_training_split(demo_run, tmp_path):
       (custom / split / str(pid)).mkdir(parents=True, exist_ok=True)
       os.symlink(image, custom / split / str(pid) / image.name)
   done = run_py("--config", "configs/demo.py", "--workdir", str(run), "--mode", "eval",
-              f"--config.data.root={data}", f"--config.eval.datasets=demo={market},custom={custom}", *TINY)
+              f"--config.data.root={data}", f"--config.eval.datasets=demo={market},custom={custom}", *TINY_LAGA,
+              "--config.eval.evaluate_untrained=False", "--config.eval.num_figures=0")  # the scores only
   assert done.returncode == 0, done.stderr[-3000:]
   results = json.loads((run / "results.json").read_text())
-  trained = json.loads((workdir / "results.json").read_text())
+  trained = json.loads((trained_run[0] / "results.json").read_text())
   trained = trained.get("targets", {}).get("demo", trained)
   for name in ("demo", "custom"):
     block = results["targets"][name]
@@ -120,17 +117,17 @@ def test_eval_needs_no_training_split(demo_run, tmp_path):
 
 
 def test_maps_mode_and_trained_maps_differ_from_untrained(demo_run):
-  workdir, _ = demo_run
+  workdir, data, _ = demo_run
   done = run_py("--config", "configs/demo.py", "--workdir", str(workdir), "--mode", "maps", "--num_images=3",
-              "--query_position=1,0", f"--config.data.root={workdir.parent / 'data'}", *TINY)
+              "--query_position=1,0", f"--config.data.root={data}", *TINY)
   assert done.returncode == 0, done.stderr[-3000:]
   assert (workdir / "maps_query.png").stat().st_size > 1000
   bad = run_py("--config", "configs/demo.py", "--workdir", str(workdir), "--mode", "maps", "--query_position=1",
-             f"--config.data.root={workdir.parent / 'data'}", *TINY)
+             f"--config.data.root={data}", *TINY)
   assert bad.returncode == 1 and "--query_position=1: expected row,col" in bad.stderr
   from laga_jax.evaluation import maps
   config = demo.get_config()
-  config.data.root = str(workdir.parent / "data")
+  config.data.root = str(data)
   config.update_from_flattened_dict({"data.image_size": (32, 16), "model.width": 8, "model.reduction_dim": 16})
   _, model, variables, _, _ = trainer.load_trained_model(config, workdir, mode="maps")
   images = jax.numpy.asarray(np.random.default_rng(0).standard_normal((2, 32, 16, 3)), jax.numpy.float32)
@@ -146,11 +143,10 @@ def test_maps_mode_and_trained_maps_differ_from_untrained(demo_run):
 
 def test_compare_reuses_a_finished_run(demo_run, tmp_path):
   """The comparison runner on a finished workdir: no retraining, its numbers, the three files."""
-  import shutil
   from laga_jax import compare
-  workdir, _ = demo_run
+  workdir, data, _ = demo_run
   shutil.copytree(workdir, tmp_path / "laga")
-  overrides = ["data.root=" + str(workdir.parent / "data"), *(arg.removeprefix("--config.") for arg in TINY)]
+  overrides = ["data.root=" + str(data), *(arg.removeprefix("--config.") for arg in TINY)]
   summary = compare.compare(["configs/demo.py"], str(tmp_path), overrides=overrides)
   first = json.loads((workdir / "results.json").read_text())
   row = summary["models"][0]
@@ -167,11 +163,11 @@ def test_compare_reuses_a_finished_run(demo_run, tmp_path):
 
 
 def test_search_mode(demo_run):
-  workdir, _ = demo_run
-  query_dir = workdir.parent / "data" / "query"
+  workdir, data, _ = demo_run
+  query_dir = data / "query"
   query = sorted(query_dir.glob("*.jpg"))[0]
   done = run_py("--config", "configs/demo.py", "--workdir", str(workdir), "--mode", "search",
-              f"--query={query}", f"--gallery_dir={workdir.parent / 'data' / 'bounding_box_test'}", "--topk=5",
+              f"--query={query}", f"--gallery_dir={data / 'bounding_box_test'}", "--topk=5",
               *TINY)
   assert done.returncode == 0, done.stderr[-3000:]
   matches = json.loads((workdir / "search_results.json").read_text())["matches"]
