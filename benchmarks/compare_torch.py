@@ -223,6 +223,18 @@ def cpu_model() -> str:
   return f"{name} ({'AVX-512' if xla_options.host_has_avx512() else 'no AVX-512'})"
 
 
+def inputs(size: dict) -> tuple:
+  """(the reference's Spec, a seeded train batch of P x K = batch/4 x 4, seeded eval images) of a SIZES entry."""
+  spec = spec_lib.Spec(stage_sizes=size["stage_sizes"], width=size["width"], reduction_dim=size["reduction_dim"],
+                       num_classes=size["num_classes"], image=size["image"], dropout=0.5,
+                       p=size["batch"] // 4, k=4, steps=1)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.standard_normal((size["batch"],) + tuple(size["image"]) + (3,)).astype(np.float32),
+           "label": (np.arange(size["batch"]) // 4 % size["num_classes"]).astype(np.int32)}
+  eval_images = rng.standard_normal((size["feature_batch"],) + tuple(size["image"]) + (3,)).astype(np.float32)
+  return spec, batch, eval_images
+
+
 def main(argv: Optional[list] = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--size", default="full", choices=tuple(SIZES), help="network and batch sizes")
@@ -245,13 +257,7 @@ def main(argv: Optional[list] = None) -> dict:
   torch.set_num_threads(args.torch_threads)
   if args.torch_denormals == "flush" and not torch.set_flush_denormal(True):
     print("this CPU cannot flush denormals in torch (no SSE3): they are kept", file=sys.stderr)
-  spec = spec_lib.Spec(stage_sizes=size["stage_sizes"], width=size["width"], reduction_dim=size["reduction_dim"],
-                       num_classes=size["num_classes"], image=size["image"], dropout=0.5,
-                       p=size["batch"] // 4, k=4, steps=1)
-  rng = np.random.default_rng(0)
-  batch = {"image": rng.standard_normal((size["batch"],) + tuple(size["image"]) + (3,)).astype(np.float32),
-           "label": (np.arange(size["batch"]) // 4 % size["num_classes"]).astype(np.int32)}
-  eval_images = rng.standard_normal((size["feature_batch"],) + tuple(size["image"]) + (3,)).astype(np.float32)
+  spec, batch, eval_images = inputs(size)
 
   load_before = os.getloadavg()
   pairs: Dict[str, Dict[str, Any]] = {}
