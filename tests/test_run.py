@@ -9,26 +9,27 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import TINY_LAGA, TINY_RUN, run_py
+from conftest import TINY_LAGA, run_py
+from conftest import TINY_RUN as TINY
 from configs import demo
 from laga_jax import trainer
 from laga_jax.checkpoint import Checkpointer, fingerprint
 
 NUM_DEMO_IDS = 40  # training identities of the default demo dataset
-TINY = list(TINY_RUN)
 
 
 @pytest.fixture
 def demo_run(trained_run, tmp_path):
   """(workdir, data root, CompletedProcess) of the session's tiny demo run (conftest.trained_run), the workdir
-  copied so that the jobs a test runs in it leave the shared one as it was."""
+  copied so that the jobs a test runs in it leave the shared one as it was (tests that only read it, or copy
+  it themselves, take `trained_run`)."""
   workdir, data, done = trained_run
   shutil.copytree(workdir, tmp_path / "run")
   return tmp_path / "run", data, done
 
 
-def test_demo_writes_results(demo_run):
-  workdir, _, done = demo_run
+def test_demo_writes_results(trained_run):
+  workdir, _, done = trained_run
   results = json.loads((workdir / "results.json").read_text())
   for key in ("rank1", "mAP", "mAP_step", "mINP"):
     assert 0.0 <= results[key] <= 1.0, key
@@ -51,10 +52,10 @@ def test_demo_writes_results(demo_run):
 OWN_LINE = re.compile(r"^(\d\d:\d\d:\d\d |(train|features): )")
 
 
-def test_a_normal_run_prints_no_library_warnings(demo_run):
+def test_a_normal_run_prints_no_library_warnings(trained_run):
   """No library speaks during a normal run: not orbax's "Waiting for previous save to complete" at every
   checkpoint (two here), no absl, TensorFlow or Python warnings; every stderr line is one of ours."""
-  _, _, done = demo_run
+  _, _, done = trained_run
   lines = [line for line in done.stderr.replace("\r", "\n").splitlines() if line.strip()]
   assert any(line.startswith("train: ") for line in lines), done.stderr[-2000:]
   foreign = [line for line in lines if not OWN_LINE.match(line) or "WARNING" in line
@@ -141,10 +142,10 @@ def test_maps_mode_and_trained_maps_differ_from_untrained(demo_run):
     assert not np.allclose(value, untrained[key], rtol=1e-3), key
 
 
-def test_compare_reuses_a_finished_run(demo_run, tmp_path):
+def test_compare_reuses_a_finished_run(trained_run, tmp_path):
   """The comparison runner on a finished workdir: no retraining, its numbers, the three files."""
   from laga_jax import compare
-  workdir, data, _ = demo_run
+  workdir, data, _ = trained_run
   shutil.copytree(workdir, tmp_path / "laga")
   overrides = ["data.root=" + str(data), *(arg.removeprefix("--config.") for arg in TINY)]
   summary = compare.compare(["configs/demo.py"], str(tmp_path), overrides=overrides)
