@@ -80,13 +80,14 @@ def _dataset_records(config: ml_collections.ConfigDict, *, eval_only: bool = Fal
 
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Experiment:
   """Validate the config, parse the dataset and build the models and the device mapping."""
-  from data_pipelines import input_pipeline
-
   config_utils.validate_config(config)
   parallel.initialize_distributed(config.train)
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   splits = _dataset_records(config)
+  # TensorFlow (~4 s of start-up) only once the config and the dataset have passed their checks: a typo or a
+  # missing folder is reported at once.
+  from data_pipelines import input_pipeline
   if not splits["train"]:
     raise ValueError(f"dataset {config.data.name!r} at {config.data.root!r} has no training images")
   num_classes = len({r.label for r in splits["train"]})
@@ -441,6 +442,7 @@ def maps_workdir(config: ml_collections.ConfigDict, workdir: str, *, split: str 
   split of the first evaluation target, drawn by the trained model of `workdir` into `maps_<split>.png`;
   `query_position` (row, col) is the SAM-RPE query on the attention map (default its centre)."""
   from laga_jax.evaluation import maps
+  position = maps.parse_position(query_position)  # a malformed flag fails before the model is loaded
   workdir = pathlib.Path(workdir).absolute()
   _, eval_model, variables, _, _ = load_trained_model(config, workdir, mode="maps")
   name, target = eval_targets(config)[0]
@@ -451,7 +453,7 @@ def maps_workdir(config: ml_collections.ConfigDict, workdir: str, *, split: str 
   suffix = "" if name == config.data.name else f"_{name}"
   path = maps.grid_for_records(eval_model, variables, splits[split], target.data,
                                str(workdir / f"maps_{split}{suffix}.png"), num_images=num_images,
-                               seed=config.train.seed, query_position=maps.parse_position(query_position))
+                               seed=config.train.seed, query_position=position)
   log.info("maps: %s", path)
   return path
 

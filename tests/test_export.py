@@ -26,9 +26,10 @@ import sys, numpy as np, tensorflow as tf
 model = tf.saved_model.load(sys.argv[1])
 serve = model.signatures["serving_default"]
 spec = serve.structured_input_signature[1]["images"]
-out = serve(images=tf.constant(np.load(sys.argv[2])))["features"]
-np.savez(sys.argv[3], features=out.numpy(), input_shape=str(spec.shape), input_dtype=spec.dtype.name,
-         project_imported=any(m.split(".")[0] in ("laga_jax", "data_pipelines", "configs") for m in sys.modules))
+for source, target in zip(sys.argv[2::2], sys.argv[3::2]):
+  out = serve(images=tf.constant(np.load(source)))["features"]
+  np.savez(target, features=out.numpy(), input_shape=str(spec.shape), input_dtype=spec.dtype.name,
+           project_imported=any(m.split(".")[0] in ("laga_jax", "data_pipelines", "configs") for m in sys.modules))
 """
 
 
@@ -67,18 +68,17 @@ def pixel_sets(trained_run, trained_extractor, request):
 
 @pytest.fixture(scope="module")
 def saved_model_features(exported, pixel_sets, tmp_path_factory):
-  """The SavedModel's features for every pixel set, computed by TensorFlow in a separate process."""
+  """The SavedModel's features for every pixel set, computed by TensorFlow in one separate process."""
   scratch = tmp_path_factory.mktemp("tf_only")
-  out = {}
+  files = []
   for name, pixels in pixel_sets.items():
     np.save(scratch / f"{name}.npy", pixels)
-    done = subprocess.run([sys.executable, "-I", "-c", TF_ONLY, str(exported[0] / "saved_model"),
-                           str(scratch / f"{name}.npy"), str(scratch / f"{name}_out.npz")],
-                          cwd=scratch, capture_output=True, text=True, timeout=600,
-                          env={"PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""})
-    assert done.returncode == 0, done.stderr[-3000:]
-    out[name] = dict(np.load(scratch / f"{name}_out.npz"))
-  return out
+    files += [str(scratch / f"{name}.npy"), str(scratch / f"{name}_out.npz")]
+  done = subprocess.run([sys.executable, "-I", "-c", TF_ONLY, str(exported[0] / "saved_model"), *files],
+                        cwd=scratch, capture_output=True, text=True, timeout=600,
+                        env={"PATH": "/usr/bin:/bin", "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""})
+  assert done.returncode == 0, done.stderr[-3000:]
+  return {name: dict(np.load(scratch / f"{name}_out.npz")) for name in pixel_sets}
 
 
 def test_export_writes_every_format(exported, trained_extractor):
