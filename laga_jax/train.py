@@ -43,10 +43,18 @@ class TrainState(train_state.TrainState):
 def create_train_state(model: flax.linen.Module, tx: optax.GradientTransformation,
                        variables: dict, rng: jax.Array) -> TrainState:
   """Wrap initialised (and possibly pretrained) `variables` into a `TrainState` at step 0."""
-  # One program: eagerly, the optimiser's initial state compiles a zeros op per distinct parameter shape.
-  create = jax.jit(lambda params, batch_stats, rng: TrainState.create(
-      apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats, rng=rng))
-  return create(variables["params"], variables["batch_stats"], rng)
+  return _state_creator(model, tx)(variables["params"], variables["batch_stats"], rng)
+
+
+@functools.lru_cache(maxsize=8)
+def _state_creator(model: flax.linen.Module, tx: optax.GradientTransformation):
+  """`create_train_state` as one jitted program per (model, optimiser): eagerly, the optimiser's initial state
+  would compile a zeros op per distinct parameter shape."""
+  # The step as a (strong) int32, the type a restored checkpoint's step has, so that a fresh and a resumed
+  # state in one process take the same compiled train step (a weak-typed 0 would be traced again).
+  return jax.jit(lambda params, batch_stats, rng: TrainState.create(
+      apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats, rng=rng).replace(
+          step=jnp.zeros((), jnp.int32)))
 
 
 def _gather_batch(x: jax.Array, axis: int, axis_name: Optional[str]) -> jax.Array:

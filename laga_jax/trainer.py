@@ -44,11 +44,21 @@ def eval_feature_fn(model_module, model):
   return feature_fn
 
 
+# A train state carries its model's `apply` and its optimiser as static pytree metadata, which jit compares
+# by identity. Later runs in one process (notebooks, sweeps, tests) with the same settings are given the same
+# model and optimiser objects, so their states match the steps `_compiled_steps` already traced and compiled.
+_MODELS: dict = {}
+_OPTIMIZERS: dict = {}
+
+
 def build_models(config: ml_collections.ConfigDict, num_classes: int) -> tuple:
   """(registry module, train-mode model with BatchNorm synchronised over the data axis, eval model)."""
-  module = models.get_model(config.model.name)
-  return (module, module.build(config.model, num_classes, bn_axis_name=parallel.DATA_AXIS),
-          module.build(config.model, num_classes))
+  key = (config.model.to_json_best_effort(sort_keys=True), num_classes)
+  if key not in _MODELS:
+    module = models.get_model(config.model.name)
+    _MODELS[key] = (module, module.build(config.model, num_classes, bn_axis_name=parallel.DATA_AXIS),
+                    module.build(config.model, num_classes))
+  return _MODELS[key]
 
 
 def _dataset_records(config: ml_collections.ConfigDict, *, eval_only: bool = False, **option_overrides) -> dict:
@@ -173,9 +183,14 @@ def initial_loss_params(exp: Experiment, variables: dict, rng: jax.Array) -> dic
 
 def make_optimizer(exp: Experiment):
   """The configured optimiser over the model's parameter groups (and the losses' own parameters)."""
-  return optim.make_optimizer(exp.config.optim, exp.steps_per_epoch,
-                              backbone_pattern=exp.model_module.BACKBONE_PATTERN,
-                              num_epochs=exp.config.train.num_epochs, loss_cfg=exp.config.loss)
+  config = exp.config
+  key = (config.optim.to_json_best_effort(sort_keys=True), config.loss.to_json_best_effort(sort_keys=True),
+         exp.steps_per_epoch, config.train.num_epochs, exp.model_module.BACKBONE_PATTERN)
+  if key not in _OPTIMIZERS:
+    _OPTIMIZERS[key] = optim.make_optimizer(config.optim, exp.steps_per_epoch,
+                                            backbone_pattern=exp.model_module.BACKBONE_PATTERN,
+                                            num_epochs=config.train.num_epochs, loss_cfg=config.loss)
+  return _OPTIMIZERS[key]
 
 
 def create_state(exp: Experiment) -> train_lib.TrainState:

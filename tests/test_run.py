@@ -216,16 +216,20 @@ def _final_params(workdir, config, target):
 
 
 def test_resume_reaches_the_same_parameters(tmp_path):
-  """Stopped after 4 of 6 steps (mid-epoch) and resumed == 6 steps uninterrupted, bit for bit."""
+  """Stopped after 4 of 6 steps (mid-epoch) and resumed == 6 steps uninterrupted, bit for bit; the later runs
+  in this process reuse the first one's traced and compiled train step."""
   data = tmp_path / "data"
   trainer.train_and_evaluate(_tiny_config(data), str(tmp_path / "straight"))
-  trainer.train_and_evaluate(_tiny_config(data, max_steps=4), str(tmp_path / "resumed"))
   exp = trainer.setup(_tiny_config(data), str(tmp_path / "probe"))
+  step_fn, _ = trainer._compiled_steps(exp.data_parallel, exp.config.loss)
+  traced = step_fn._cache_size()
+  trainer.train_and_evaluate(_tiny_config(data, max_steps=4), str(tmp_path / "resumed"))
   assert exp.num_classes == NUM_DEMO_IDS
   target = trainer.create_state(exp).checkpoint_tree()
   stopped, meta = _final_params(tmp_path / "resumed", _tiny_config(data), target)
   assert int(stopped["step"]) == 4 and meta["epoch"] == 1
   trainer.train_and_evaluate(_tiny_config(data), str(tmp_path / "resumed"))
+  assert step_fn._cache_size() == traced >= 1  # the same model and optimiser objects: no new trace
   straight, _ = _final_params(tmp_path / "straight", _tiny_config(data), target)
   resumed, _ = _final_params(tmp_path / "resumed", _tiny_config(data), target)
   assert int(straight["step"]) == int(resumed["step"]) == 6
